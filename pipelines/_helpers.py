@@ -1,0 +1,23 @@
+"""Small private helpers shared by pipeline modules."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+OutputHook = Callable[[nn.Module, torch.Tensor], None]
+
+
+@torch.no_grad()
+def probe_forward(model: nn.Module, modules: Iterable[nn.Module], hook: OutputHook, *, image_size: int) -> None:
+    """One eval-mode forward pass of a blank image, calling `hook(module, output)` for each module."""
+    handles = [m.register_forward_hook(lambda module, _inputs, output: hook(module, output)) for m in modules]
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)

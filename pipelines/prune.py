@@ -1,0 +1,114 @@
+"""Structural pruning with Torch-Pruning's dependency graph, one keep ratio per dependency group.
+
+Channels tied together by a residual add, a depthwise convolution or a concatenation form one
+group: they share one keep ratio and one index set. A group is named after the first layer (in
+the model's definition order) whose output channels it prunes, e.g. `features.2.conv.0.0`; the
+same names appear in the space YAML, in MLflow params and in the exported channel spec.
+A group's *stage* is `stride_<s>`, s being the downsampling of that layer's output w.r.t. the
+input (`classifier` for hidden Linear layers): a definition that works for any CNN without a per-architecture table.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from pipelines._helpers import probe_forward
+from pipelines._registry import Registry
+from pipelines.models import head_name
+
+__all__ = ["IMPORTANCE", "Group", "prunable_groups", "prune_to_ratios", "stage_ratios_to_groups"]
+
+Importance = Callable[[tp.dependency.Group], torch.Tensor]
+IMPORTANCE: Registry[Callable[[], Importance]] = Registry("importance criterion")
+
+
+@IMPORTANCE.register("l1", description="sum of |weights| per filter, averaged over the coupled layers (Li et al. 2017)")
+def _l1() -> Importance:
+    return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    channels: int
+    stage: str
+
+
+def _dependency_graph(model: nn.Module, image_size: int) -> tp.DependencyGraph:
+    return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
+
+
+def _named_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[str, tp.dependency.Group]]:
+    order = {module: i for i, (_, module) in enumerate(model.named_modules())}
+    names = {module: name for name, module in model.named_modules()}
+    head = model.get_submodule(head_name(model))
+    named = []
+    for group in graph.get_all_groups(ignored_layers=[head], root_module_types=(nn.Conv2d, nn.Linear)):
+        pruned_outputs = [
+            dep.target.module
+            for dep, _ in group
+            if dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
+        ]
+        first = min(pruned_outputs or [group[0].dep.target.module], key=order.__getitem__)
+        named.append((names[first], group))
+    named.sort(key=lambda item: order[model.get_submodule(item[0])])
+    return named
+
+
+def _stages(model: nn.Module, layer_names: list[str], image_size: int) -> dict[str, str]:
+    names = {model.get_submodule(name): name for name in layer_names}
+    stages: dict[str, str] = {}
+
+    def record(module: nn.Module, output: torch.Tensor) -> None:
+        # A Linear's output has no spatial size: such groups form the `classifier` stage.
+        stages[names[module]] = f"stride_{image_size // output.shape[-1]}" if output.dim() == 4 else "classifier"
+
+    probe_forward(model, names, record, image_size=image_size)
+    return stages
+
+
+def prunable_groups(model: nn.Module, *, image_size: int) -> list[Group]:
+    """The model's prunable groups in definition order (the classifier's outputs are never pruned)."""
+    named = _named_groups(model, _dependency_graph(model, image_size))
+    stages = _stages(model, [name for name, _ in named], image_size)
+    return [Group(name=name, channels=len(group[0].idxs), stage=stages[name]) for name, group in named]
+
+
+def stage_ratios_to_groups(groups: list[Group], stage_ratios: dict[str, float]) -> dict[str, float]:
+    return {group.name: stage_ratios[group.stage] for group in groups}
+
+
+def kept_channels(channels: int, ratio: float) -> int:
+    """Channels a group keeps at `ratio`: rounded, and never fewer than one."""
+    return max(1, min(channels, round(channels * ratio)))
+
+
+def prune_to_ratios(
+    model: nn.Module, keep_ratios: dict[str, float], *, image_size: int, importance: str = "l1"
+) -> nn.Module:
+    """Physically remove the least important channels of each group, in place; returns `model`.
+
+    Groups absent from `keep_ratios` are left whole; unknown names raise KeyError.
+    """
+    graph = _dependency_graph(model, image_size)
+    named = _named_groups(model, graph)
+    unknown = set(keep_ratios) - {name for name, _ in named}
+    if unknown:
+        raise KeyError(f"no prunable group named {sorted(unknown)}; groups: {[name for name, _ in named]}")
+    scorer = IMPORTANCE.get(importance)()
+    for name, group in named:
+        if name not in keep_ratios:
+            continue
+        channels = len(group[0].idxs)
+        n_prune = channels - kept_channels(channels, keep_ratios[name])
+        if n_prune <= 0:
+            continue
+        scores = scorer(group)
+        drop = torch.argsort(scores)[:n_prune].tolist()
+        root = group[0].dep
+        graph.get_pruning_group(root.target.module, root.handler, idxs=drop).prune()
+    return model

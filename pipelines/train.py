@@ -1,0 +1,95 @@
+"""Training verbs: `train_one_epoch`, `evaluate`, `recalibrate_bn`, `predict_logits`."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.data import Split, batches
+
+__all__ = ["train_one_epoch", "evaluate", "recalibrate_bn", "predict_logits", "make_optimizer"]
+
+# (logits, labels, split indices of the batch) -> named loss parts including "total"
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, _index: torch.Tensor) -> dict[str, torch.Tensor]:
+    ce = F.cross_entropy(logits, labels)
+    return {"ce": ce, "total": ce}
+
+
+def make_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a cosine schedule over `total_steps` (robust to the lr on small targets, unlike SGD)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+
+
+def train_one_epoch(
+    model: nn.Module,
+    split: Split,
+    *,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch_size: int,
+    seed: int,
+    flip: bool = False,
+) -> dict[str, float]:
+    """One pass over `split`; returns the mean of every loss part. Raises FloatingPointError on NaN."""
+    model.train()
+    sums: dict[str, float] = {}
+    steps = 0
+    for images, labels, index in batches(split, batch_size=batch_size, shuffle=True, seed=seed, flip=flip):
+        parts = loss_fn(model(images), labels, index)
+        total = parts["total"]
+        if not math.isfinite(total.item()):
+            raise FloatingPointError(f"loss is {total.item()} at step {steps}; try a lower lr")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        scheduler.step()
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+        steps += 1
+    return {name: value / max(1, steps) for name, value in sums.items()}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(images) for images, _, _ in batches(split, batch_size=batch_size)])
+
+
+def evaluate(model: nn.Module, split: Split, *, batch_size: int = 256) -> float:
+    """Top-1 accuracy on `split`."""
+    predictions = predict_logits(model, split, batch_size=batch_size).argmax(dim=1)
+    return (predictions == split.labels).float().mean().item()
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, split: Split, *, num_batches: int, batch_size: int, seed: int) -> None:
+    """Re-estimate BatchNorm running statistics on training batches (no gradients; EagleEye).
+
+    A freshly pruned network's BN statistics describe channels that no longer exist together;
+    scoring it without this step gives near-chance accuracy.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or num_batches <= 0:
+        return
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the recalibration batches
+    model.train()
+    for step, (images, _, _) in enumerate(batches(split, batch_size=batch_size, shuffle=True, seed=seed)):
+        if step >= num_batches:
+            break
+        model(images)
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    model.eval()
