@@ -1,0 +1,271 @@
+"""Search spaces: a YAML file parsed into a typed, frozen `Experiment`, validated field by field.
+
+Every problem is reported as one `SpaceError` line that names the field and what would be valid.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from pipelines.config import DataConfig, FinetuneConfig, ModelConfig
+from search._helpers import UsageError
+
+__all__ = ["Range", "BudgetSpace", "SearchConfig", "Experiment", "SpaceError", "load_space", "parse_space", "to_dict"]
+
+
+class SpaceError(UsageError):
+    """An invalid space file or field."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """A searched interval; low == high fixes the value. YAML: `0.5`, `[0.1, 1.0]` or `{low, high, log}`."""
+
+    low: float
+    high: float
+    log: bool = False  # sample uniformly in log space (learning rates)
+
+
+@dataclass(frozen=True)
+class BudgetSpace:
+    granularity: Literal["group", "stage"] = "group"  # a ratio per dependency group, or per stage (fewer knobs)
+    keep_ratio: Range = Range(0.1, 1.0)  # AMC's finding: per-layer ratios in a wide range beat uniform ones
+    overrides: dict[str, Range] = field(default_factory=dict)  # group or stage name -> its own range
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    num_trials: int = 16
+    max_concurrent: int = 2  # two one-thread trials fill a 2-core laptop
+    sampler: Literal["nsga2", "tpe"] = "nsga2"  # NSGA-II: the standard multi-objective evolutionary sampler
+    seed: int = 0  # seeds the sampler: the same space proposes the same trials
+    cpus_per_trial: float = 1  # also the trial's torch threads; more threads than cores slows CPU training 10x
+    gpus_per_trial: float = 0  # fractional values share a GPU between trials
+    importance: str = "l1"
+    budgets: BudgetSpace = BudgetSpace()
+    lr: Range = Range(3e-4, 3e-3, log=True)  # AdamW fine-tune of the pruned student
+    kd_alpha: Range = Range(0.0, 1.0)  # 0 = no distillation
+    kd_temperature: Range = Range(1.0, 8.0)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str  # the MLflow experiment name and the output sub-folder
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    teacher: FinetuneConfig = FinetuneConfig(epochs=8)  # 8 AdamW epochs reach ~98% on the embedded task
+    trial: FinetuneConfig = FinetuneConfig()
+    search: SearchConfig = SearchConfig()
+
+    def smoke(self) -> Experiment:
+        """The same experiment shrunk to seconds (`--smoke-test`): tiny data, one epoch, two trials."""
+        return dataclasses.replace(
+            self,
+            data=dataclasses.replace(self.data, image_size=min(32, self.data.image_size), max_images_per_class=20),
+            teacher=dataclasses.replace(self.teacher, epochs=1, bn_recalibration_batches=2),
+            trial=dataclasses.replace(self.trial, epochs=1, bn_recalibration_batches=2),
+            search=dataclasses.replace(self.search, num_trials=2),
+        )
+
+
+def to_dict(value: Any) -> Any:
+    """A config as plain YAML-able data (the resolved config saved with every run)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: to_dict(v) for k, v in value.items()}
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(hint)))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
+    if hint is Range:
+        return "a number or [low, high]"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    def bad() -> SpaceError:
+        return SpaceError(f"{where}: expected {_type_name(hint)}, got {value!r}")
+
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise bad()
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in typing.get_args(hint):
+                return None
+            raise bad()
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(inner, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        _, value_hint = typing.get_args(hint)
+        return {str(k): _coerce(value_hint, v, f"{where}.{k}") for k, v in value.items()}
+    if hint is Range:
+        return _range(value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"unsupported config type {hint!r} at {where}")
+
+
+def _range(value: Any, where: str) -> Range:
+    if isinstance(value, dict):
+        return _build(Range, value, where)
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        low, high = (_coerce(float, v, where) for v in value)
+        return Range(low, high)
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        fixed = _coerce(float, value, where)
+        return Range(fixed, fixed)
+    raise SpaceError(f"{where}: expected a number, [low, high] or {{low, high, log}}, got {value!r}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    label = where or "the space file"
+    if not isinstance(raw, dict):
+        raise SpaceError(f"{label}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [key for key in raw if key not in fields]
+    if unknown:
+        raise SpaceError(f"{_join(where, unknown[0])}: unknown key; valid keys: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in raw:
+            values[name] = _coerce(hints[name], raw[name], _join(where, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise SpaceError(f"{_join(where, name)}: required key is missing")
+    return cls(**values)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _check_range(value: Range, where: str, *, low: float, high: float, open_low: bool = False) -> None:
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+    for bound in (value.low, value.high):
+        if bound > high or bound < low or (open_low and bound == low):
+            raise SpaceError(f"{where}: {bound:g} is outside {interval}")
+    if value.low > value.high:
+        raise SpaceError(f"{where}: low {value.low:g} is above high {value.high:g}")
+    if value.log and value.low <= 0:
+        raise SpaceError(f"{where}: a log range needs low > 0")
+
+
+def _check_positive(value: float, where: str) -> None:
+    if value <= 0:
+        raise SpaceError(f"{where}: must be > 0, got {value:g}")
+
+
+def validate(experiment: Experiment) -> Experiment:
+    """Checks beyond types: value ranges, the data folder, the model and weights names."""
+    from pipelines.models import available_archs, available_weights
+    from pipelines.prune import IMPORTANCE
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", experiment.name):
+        raise SpaceError(f"name: {experiment.name!r} must be letters, digits, '_', '.', '-' (it names a folder)")
+    data = experiment.data
+    folder = Path(data.path)
+    if not folder.is_dir():
+        raise SpaceError(
+            f"data.path: folder {data.path!r} does not exist; give an ImageFolder root (one sub-folder per class)"
+            " or run `slimtune prepare-data animal-mnist DIR` for the embedded dataset"
+        )
+    if sum(1 for p in folder.iterdir() if p.is_dir()) < 2:
+        raise SpaceError(f"data.path: {data.path!r} needs at least two class sub-folders (ImageFolder layout)")
+    if not 16 <= data.image_size <= 1024:
+        raise SpaceError(f"data.image_size: {data.image_size} is outside [16, 1024]")
+    for name in ("val_fraction", "test_fraction"):
+        if not 0 < getattr(data, name) < 1:
+            raise SpaceError(f"data.{name}: must be in (0, 1), got {getattr(data, name)}")
+    if data.val_fraction + data.test_fraction >= 1:
+        raise SpaceError("data.test_fraction: val_fraction + test_fraction must leave images to train on (< 1)")
+    if data.max_images_per_class is not None and data.max_images_per_class < 3:
+        raise SpaceError("data.max_images_per_class: must be at least 3 (train, val and test need one each)")
+    archs = available_archs()
+    if experiment.model.arch not in archs:
+        raise SpaceError(f"model.arch: unknown torchvision model {experiment.model.arch!r}; valid: {', '.join(archs)}")
+    weights = available_weights(experiment.model.arch)
+    if experiment.model.weights is not None and experiment.model.weights not in weights:
+        raise SpaceError(
+            f"model.weights: {experiment.model.weights!r} is not a weights name of {experiment.model.arch};"
+            f" valid: {', '.join(weights + ['null'])}"
+        )
+    for stage in ("teacher", "trial"):
+        config: FinetuneConfig = getattr(experiment, stage)
+        for name in ("epochs", "batch_size"):
+            if getattr(config, name) < 1:
+                raise SpaceError(f"{stage}.{name}: must be at least 1, got {getattr(config, name)}")
+        _check_positive(config.lr, f"{stage}.lr")
+    if experiment.trial.lr != FinetuneConfig.lr:
+        raise SpaceError("trial.lr: a trial's learning rate is searched; set search.lr instead (a number fixes it)")
+    search = experiment.search
+    for name in ("num_trials", "max_concurrent"):
+        if getattr(search, name) < 1:
+            raise SpaceError(f"search.{name}: must be at least 1, got {getattr(search, name)}")
+    _check_positive(search.cpus_per_trial, "search.cpus_per_trial")
+    if search.importance not in IMPORTANCE:
+        raise SpaceError(f"search.importance: unknown criterion {search.importance!r}; valid: {', '.join(IMPORTANCE.names())}")
+    _check_range(search.budgets.keep_ratio, "search.budgets.keep_ratio", low=0, high=1, open_low=True)
+    for key, value in search.budgets.overrides.items():
+        _check_range(value, f"search.budgets.overrides.{key}", low=0, high=1, open_low=True)
+    _check_range(search.kd_alpha, "search.kd_alpha", low=0, high=1)
+    _check_range(search.kd_temperature, "search.kd_temperature", low=0, high=100, open_low=True)
+    _check_range(search.lr, "search.lr", low=0, high=10, open_low=True)
+    return experiment
+
+
+def parse_space(raw: Any) -> Experiment:
+    return validate(_build(Experiment, raw, ""))
+
+
+def load_space(path: str | Path) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise SpaceError(f"space file {str(path)!r} not found; see spaces/ for examples")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise SpaceError(f"{path}: not valid YAML{line}: {getattr(error, 'problem', error)}") from None
+    return parse_space(raw)
