@@ -19,12 +19,16 @@ from torchvision import datasets, transforms
 
 from pipelines.config import DataConfig
 
-__all__ = ["ANIMAL_MNIST_CLASSES", "Splits", "prepare_animal_mnist", "load_data", "batches", "normalize"]
+__all__ = ["DataError", "ANIMAL_MNIST_CLASSES", "Splits", "prepare_animal_mnist", "load_data", "batches", "normalize"]
 
 # Class order as the animal-mnist package documents its labels 0..9.
 ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """The image folder cannot be split as configured."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +93,8 @@ def load_data(config: DataConfig) -> Splits:
         n_val = max(1, round(len(indices) * config.val_fraction))
         n_test = max(1, round(len(indices) * config.test_fraction))
         if len(indices) < n_val + n_test + 1:
-            raise ValueError(
-                f"class {folder.classes[label]!r} in {config.path} has {len(indices)} images;"
+            raise DataError(
+                f"data.path: class {folder.classes[label]!r} in {config.path} has {len(indices)} images;"
                 " need at least 3 (one each for train, val and test)"
             )
         parts["val"] += indices[:n_val]

@@ -123,6 +123,7 @@ def run_trial(
     """Prune the teacher to `params.keep_ratios`, fine-tune it with KD, evaluate and export it.
 
     Fine-tuning uses no augmentation so that the teacher's stored train logits match each image.
+    Each epoch reports the loss parts, `val_accuracy` and the (fixed) `macs` to `on_epoch_end`.
     Returns `proxy_accuracy` (after pruning + BN recalibration, before fine-tuning),
     `val_accuracy`, `test_accuracy`, `macs`, `params` and `macs_ratio` (vs the teacher).
     """
@@ -144,6 +145,11 @@ def run_trial(
         seed=finetune.seed,
     )
     proxy_accuracy = evaluate(student, splits.val)
+    macs = float(count_macs(student, image_size=data.image_size).macs)
+
+    def report_epoch(metrics: dict[str, float]) -> None:
+        if on_epoch_end is not None:
+            on_epoch_end({**metrics, "macs": macs})
 
     distill = KDLoss(alpha=params.kd_alpha, temperature=params.kd_temperature)
     _fit(
@@ -153,7 +159,7 @@ def run_trial(
         lr=params.lr,
         finetune=finetune,
         flip=False,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=report_epoch,
     )
     teacher_macs = spec["metrics"]["macs"]
     metrics = _finish(

@@ -212,6 +212,9 @@ def validate(experiment: Experiment) -> Experiment:
         )
     if sum(1 for p in folder.iterdir() if p.is_dir()) < 2:
         raise SpaceError(f"data.path: {data.path!r} needs at least two class sub-folders (ImageFolder layout)")
+    # Absolute, so that Ray workers (which run in their own folders) and the saved config agree.
+    experiment = dataclasses.replace(experiment, data=dataclasses.replace(data, path=str(folder.resolve())))
+    data = experiment.data
     if not 16 <= data.image_size <= 1024:
         raise SpaceError(f"data.image_size: {data.image_size} is outside [16, 1024]")
     for name in ("val_fraction", "test_fraction"):

@@ -1,0 +1,190 @@
+"""The `slimtune` command line. Heavy imports (torch, Ray, MLflow) happen inside the commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from search._helpers import UsageError
+
+EXAMPLES = """examples:
+  slimtune search spaces/quickstart.yaml                 # the embedded demo, ~10 min on 2 CPU cores
+  slimtune search spaces/quickstart.yaml --smoke-test    # the same pipeline shrunk to about a minute
+  slimtune search my_space.yaml --address auto           # on a running Ray cluster
+  slimtune pareto quickstart                             # the accuracy-vs-MACs front of the latest search
+  slimtune fetch quickstart --max-macs 12M -o model/     # the best front model under 12M MACs
+"""
+
+
+def _add_store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default=None, metavar="DIR", help="output folder of the search (default: ./slimtune-runs)")
+    parser.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (default: sqlite:///DIR/mlflow.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimtune",
+        description="Search the accuracy-vs-MACs Pareto front of pruned, distilled versions of a pretrained CNN.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    search = commands.add_parser(
+        "search",
+        help="run a multi-objective compression search from a space YAML",
+        description="Fine-tune the dense teacher once, run the trials (prune -> KD fine-tune -> evaluate -> MACs)"
+        " with Ray Tune + Optuna, log everything to MLflow and print the Pareto front.",
+        epilog="examples:\n  slimtune search spaces/quickstart.yaml\n  slimtune search spaces/quickstart.yaml --smoke-test --output /tmp/runs\n"
+        "  RAY_ADDRESS=auto slimtune search my_space.yaml --num-trials 64 --tracking-uri http://head:5000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    search.add_argument("space", help="search space YAML (see spaces/)")
+    search.add_argument("--smoke-test", action="store_true", help="shrink the run to about a minute: tiny data, 1 epoch, 2 trials")
+    search.add_argument("--num-trials", type=int, default=None, metavar="N", help="override search.num_trials")
+    search.add_argument("--address", default=None, metavar="ADDR", help="join a running Ray cluster (or set RAY_ADDRESS); default: local Ray")
+    _add_store_args(search)
+
+    pareto = commands.add_parser(
+        "pareto",
+        help="print the Pareto front of an experiment's latest search",
+        description="Print the front of the latest search of EXPERIMENT (the space's `name`), read from MLflow.",
+        epilog="example:\n  slimtune pareto quickstart",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pareto.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
+    _add_store_args(pareto)
+
+    fetch = commands.add_parser(
+        "fetch",
+        help="download the most accurate Pareto model under a MACs budget",
+        description="Write model.safetensors + channel_spec.json + config.yaml of the front model with the best"
+        " val accuracy among those with at most --max-macs MACs (multiply-accumulates per image).",
+        epilog="example:\n  slimtune fetch quickstart --max-macs 12M -o my_model/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fetch.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
+    fetch.add_argument("--max-macs", required=True, metavar="N", help="MACs budget per image, e.g. 12M, 800K, 1.5G")
+    fetch.add_argument("-o", "--to", default="slimtune-model", metavar="DIR", help="where to write the model (default: ./slimtune-model)")
+    _add_store_args(fetch)
+
+    prepare = commands.add_parser(
+        "prepare-data",
+        help="write an embedded dataset as an ImageFolder tree",
+        description="Write the embedded Animal-MNIST silhouettes (10 classes x 1000 PNGs) as DIR/<class>/*.png.",
+        epilog="example:\n  slimtune prepare-data animal-mnist data/animal_mnist",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prepare.add_argument("dataset", choices=["animal-mnist"])
+    prepare.add_argument("directory")
+    return parser
+
+
+def _output(args: argparse.Namespace) -> Path:
+    from search.layout import DEFAULT_OUTPUT
+
+    return Path(args.output or DEFAULT_OUTPUT)
+
+
+def _tracker(args: argparse.Namespace):
+    from search.layout import Layout
+    from search.tracking import Tracker
+
+    uri = args.tracking_uri or Layout.at(_output(args), args.experiment).tracking_uri
+    return Tracker(uri, args.experiment)
+
+
+def _print_front(front, *, header: str) -> None:
+    from search.report import front_rows, front_table
+
+    print(header)
+    print(front_table(front_rows(front.front)))
+    failed = len(front.trials) - len(front.finished)
+    print(f"{len(front.finished)} trials finished, {failed} failed or unfinished; the front is non-dominated on (val acc max, MACs min).")
+    if front.teacher is not None:
+        t = front.teacher.metrics
+        print(f"dense teacher: val acc {t['val_accuracy']:.3f}, test acc {t['test_accuracy']:.3f}, {t['macs'] / 1e6:.2f}M MACs")
+
+
+def _search(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from search.run import run_search
+    from search.space import load_space, validate
+
+    experiment = load_space(args.space)
+    if args.smoke_test:
+        experiment = experiment.smoke()
+    if args.num_trials is not None:
+        experiment = validate(dataclasses.replace(experiment, search=dataclasses.replace(experiment.search, num_trials=args.num_trials)))
+    outcome = run_search(experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address)
+    _print_front(outcome.front, header=f"\nPareto front of {experiment.name!r} (MACs = multiply-accumulates per image):")
+    if outcome.tracking_uri.startswith("sqlite:"):
+        print(f"\nBrowse the runs:  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {outcome.tracking_uri} --port 5000")
+    else:
+        print(f"\nBrowse the runs at {outcome.tracking_uri}")
+    if not outcome.front.finished:
+        print("slimtune: error: no trial finished; each failed run in MLflow carries its error in the tag 'error'", file=sys.stderr)
+        return 1
+    if outcome.front.front:
+        largest = max(r.metrics["macs"] for r in outcome.front.front)
+        print(f"Fetch a model:    slimtune fetch {experiment.name} --max-macs {largest / 1e6:.1f}M -o my_model/" + (f" --output {args.output}" if args.output else ""))
+    return 0
+
+
+def _pareto(args: argparse.Namespace) -> None:
+    from search.front import load_front
+
+    front = load_front(_tracker(args), args.experiment)
+    _print_front(front, header=f"Pareto front of {args.experiment!r}, search run {front.search.name} (MACs per image):")
+
+
+def _fetch(args: argparse.Namespace) -> None:
+    from search._helpers import format_count, parse_macs
+    from search.front import choose_under_budget, load_front
+
+    budget = parse_macs(args.max_macs)
+    tracker = _tracker(args)
+    front = load_front(tracker, args.experiment)
+    chosen = choose_under_budget(front.front, budget)
+    destination = Path(args.to)
+    path = tracker.download(chosen.run_id, "model", destination.parent / f".{destination.name}.download")
+    destination.mkdir(parents=True, exist_ok=True)
+    for file in path.iterdir():
+        file.replace(destination / file.name)
+    path.rmdir()
+    path.parent.rmdir()
+    m = chosen.metrics
+    print(
+        f"wrote {destination}/ : trial {chosen.tags.get('slimtune.trial_id')}, val acc {m['val_accuracy']:.3f},"
+        f" test acc {m['test_accuracy']:.3f}, {format_count(m['macs'])} MACs, {format_count(m['params'])} params"
+    )
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from pipelines.data import prepare_animal_mnist
+
+    root = prepare_animal_mnist(args.directory)
+    print(f"{args.dataset}: ImageFolder at {root}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"search": _search, "pareto": _pareto, "fetch": _fetch, "prepare-data": _prepare}
+    try:
+        return handlers[args.command](args) or 0
+    except UsageError as error:
+        print(f"slimtune: error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        from pipelines.data import DataError
+        from pipelines.models import WeightsUnavailableError
+
+        if isinstance(error, (DataError, WeightsUnavailableError)):
+            print(f"slimtune: error: {error}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

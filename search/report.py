@@ -1,0 +1,112 @@
+"""What a user reads: the front as a table, CSV/JSON, and an accuracy-vs-MACs plot."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from search._helpers import format_count
+from search.tracking import RunRecord
+
+__all__ = ["FrontRow", "front_rows", "front_table", "front_csv", "front_json", "plot_front"]
+
+
+@dataclass(frozen=True)
+class FrontRow:
+    trial: str
+    run_id: str
+    val_accuracy: float
+    test_accuracy: float
+    macs: float
+    macs_ratio: float
+    params: float
+    keep_min: float
+    keep_mean: float
+    keep_max: float
+
+
+def front_rows(runs: Sequence[RunRecord]) -> list[FrontRow]:
+    rows = []
+    for run in runs:
+        keeps = [float(v) for k, v in run.params.items() if k.startswith("keep.")] or [1.0]
+        m = run.metrics
+        rows.append(
+            FrontRow(
+                trial=run.tags.get("slimtune.trial_id", run.name),
+                run_id=run.run_id,
+                val_accuracy=m["val_accuracy"],
+                test_accuracy=m["test_accuracy"],
+                macs=m["macs"],
+                macs_ratio=m.get("macs_ratio", 1.0),
+                params=m["params"],
+                keep_min=min(keeps),
+                keep_mean=sum(keeps) / len(keeps),
+                keep_max=max(keeps),
+            )
+        )
+    return sorted(rows, key=lambda r: r.macs)
+
+
+def front_table(rows: Sequence[FrontRow]) -> str:
+    header = ("trial", "val acc", "test acc", "MACs", "x teacher", "params", "keep min/mean/max")
+    lines = [
+        (
+            r.trial,
+            f"{r.val_accuracy:.3f}",
+            f"{r.test_accuracy:.3f}",
+            format_count(r.macs),
+            f"{r.macs_ratio:.2f}",
+            format_count(r.params),
+            f"{r.keep_min:.2f}/{r.keep_mean:.2f}/{r.keep_max:.2f}",
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in lines)])
+
+
+def front_csv(rows: Sequence[FrontRow]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(FrontRow.__dataclass_fields__))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(row.__dict__)
+    return out.getvalue()
+
+
+def front_json(rows: Sequence[FrontRow]) -> str:
+    return json.dumps([row.__dict__ for row in rows], indent=1)
+
+
+def plot_front(
+    trials: Sequence[RunRecord], front: Sequence[FrontRow], *, teacher: dict[str, float], title: str, path: Path
+) -> Path:
+    """Val accuracy vs MACs: every finished trial, the front as a staircase, the dense teacher as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    ax.scatter(
+        [t.metrics["macs"] / 1e6 for t in trials],
+        [t.metrics["val_accuracy"] for t in trials],
+        s=18,
+        color="0.65",
+        label="trials",
+    )
+    ax.step([r.macs / 1e6 for r in front], [r.val_accuracy for r in front], where="post", color="C0", marker="o", label="Pareto front")
+    ax.scatter([teacher["macs"] / 1e6], [teacher["val_accuracy"]], marker="*", s=140, color="C3", label="dense teacher")
+    ax.set_xlabel("MACs per image (millions)")
+    ax.set_ylabel("val accuracy (top-1)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
