@@ -45,7 +45,7 @@ def save_model(model: nn.Module, directory: str | Path, *, arch: str, metadata: 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     save_file(tensors, directory / MODEL_FILE)
-    spec = {"version": SPEC_VERSION, "arch": arch, "layers": channel_spec(model), **metadata}
+    spec = {**metadata, "version": SPEC_VERSION, "arch": arch, "layers": channel_spec(model)}
     (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1))
     return directory
 

@@ -5,7 +5,7 @@ group: they share one keep ratio and one index set. A group is named after the f
 the model's definition order) whose output channels it prunes, e.g. `features.2.conv.0.0`; the
 same names appear in the space YAML, in MLflow params and in the exported channel spec.
 A group's *stage* is `stride_<s>`, s being the downsampling of that layer's output w.r.t. the
-input (`classifier` for hidden Linear layers): a definition that works for any CNN without a per-architecture table.
+input at 224 px (`classifier` for hidden Linear layers): a definition that works for any CNN without a per-architecture table.
 """
 from __future__ import annotations
 
@@ -39,7 +39,11 @@ class Group:
 
 
 def _dependency_graph(model: nn.Module, image_size: int) -> tp.DependencyGraph:
-    return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
+    was_training = model.training  # build_dependency leaves the model in eval mode
+    try:
+        return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
+    finally:
+        model.train(was_training)
 
 
 def _named_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[str, tp.dependency.Group]]:
@@ -59,22 +63,25 @@ def _named_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[str
     return named
 
 
-def _stages(model: nn.Module, layer_names: list[str], image_size: int) -> dict[str, str]:
+def _stages(model: nn.Module, layer_names: list[str]) -> dict[str, str]:
     names = {model.get_submodule(name): name for name in layer_names}
     stages: dict[str, str] = {}
+    # Probe at 224 px, divisible by every stride of an ImageNet CNN, so labels do not depend on the
+    # (possibly tiny, possibly odd) training size, where rounding would merge or mislabel stages.
+    probe_size = 224
 
     def record(module: nn.Module, output: torch.Tensor) -> None:
         # A Linear's output has no spatial size: such groups form the `classifier` stage.
-        stages[names[module]] = f"stride_{image_size // output.shape[-1]}" if output.dim() == 4 else "classifier"
+        stages[names[module]] = f"stride_{probe_size // output.shape[-1]}" if output.dim() == 4 else "classifier"
 
-    probe_forward(model, names, record, image_size=image_size)
+    probe_forward(model, names, record, image_size=probe_size)
     return stages
 
 
 def prunable_groups(model: nn.Module, *, image_size: int) -> list[Group]:
     """The model's prunable groups in definition order (the classifier's outputs are never pruned)."""
     named = _named_groups(model, _dependency_graph(model, image_size))
-    stages = _stages(model, [name for name, _ in named], image_size)
+    stages = _stages(model, [name for name, _ in named])
     return [Group(name=name, channels=len(group[0].idxs), stage=stages[name]) for name, group in named]
 
 
@@ -107,8 +114,10 @@ def prune_to_ratios(
         n_prune = channels - kept_channels(channels, keep_ratios[name])
         if n_prune <= 0:
             continue
-        scores = scorer(group)
-        drop = torch.argsort(scores)[:n_prune].tolist()
+        # Re-derive the group now: pruning an earlier group (e.g. one branch of a concatenation)
+        # shifts the channel positions that the group collected before any pruning still holds.
         root = group[0].dep
+        current = graph.get_pruning_group(root.target.module, root.handler, idxs=list(range(channels)))
+        drop = torch.argsort(scorer(current))[:n_prune].tolist()
         graph.get_pruning_group(root.target.module, root.handler, idxs=drop).prune()
     return model
