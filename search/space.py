@@ -5,6 +5,7 @@ Every problem is reported as one `SpaceError` line that names the field and what
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -49,6 +50,9 @@ class SearchConfig:
     cpus_per_trial: float = 1  # also the trial's torch threads; more threads than cores slows CPU training 10x
     gpus_per_trial: float = 0  # fractional values share a GPU between trials
     importance: str = "l1"
+    # Uniform keep ratios tried first (at most num_trials of them): the plain uniform-pruning
+    # baseline on every front, and seeds for the high-MACs end that per-group samples rarely reach.
+    uniform_anchors: list[float] = field(default_factory=lambda: [0.8, 0.5])
     budgets: BudgetSpace = BudgetSpace()
     lr: Range = Range(3e-4, 3e-3, log=True)  # AdamW fine-tune of the pruned student
     kd_alpha: Range = Range(0.0, 1.0)  # 0 = no distillation
@@ -68,10 +72,14 @@ class Experiment:
         """The same experiment shrunk to seconds (`--smoke-test`): tiny data, one epoch, two trials."""
         return dataclasses.replace(
             self,
-            data=dataclasses.replace(self.data, image_size=min(32, self.data.image_size), max_images_per_class=20),
+            data=dataclasses.replace(
+                self.data,
+                image_size=min(32, self.data.image_size),
+                max_images_per_class=min(20, self.data.max_images_per_class or 20),
+            ),
             teacher=dataclasses.replace(self.teacher, epochs=1, bn_recalibration_batches=2),
             trial=dataclasses.replace(self.trial, epochs=1, bn_recalibration_batches=2),
-            search=dataclasses.replace(self.search, num_trials=2),
+            search=dataclasses.replace(self.search, num_trials=min(2, self.search.num_trials)),
         )
 
 
@@ -112,7 +120,17 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
                 return None
             raise bad()
         (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _coerce(inner, value, where)
+        try:
+            return _coerce(inner, value, where)
+        except SpaceError:
+            if dataclasses.is_dataclass(inner):
+                raise  # keep the nested field's own message
+            raise bad() from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise SpaceError(f"{where}: expected a list, got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_coerce(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise bad()
@@ -131,14 +149,15 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise bad()
         return value
     if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise bad()
-        return float(value)
+        try:
+            number = float(value)  # strings too: YAML 1.1 reads `3e-4` (no dot) as a string
+        except ValueError:
+            raise bad() from None
+        if not math.isfinite(number):
+            raise SpaceError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise bad()
@@ -165,7 +184,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [key for key in raw if key not in fields]
     if unknown:
-        raise SpaceError(f"{_join(where, unknown[0])}: unknown key; valid keys: {', '.join(fields)}")
+        raise SpaceError(f"{_join(where, _key_text(unknown[0]))}: unknown key; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
@@ -174,6 +193,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise SpaceError(f"{_join(where, name)}: required key is missing")
     return cls(**values)
+
+
+def _key_text(key: Any) -> str:
+    return key if isinstance(key, str) and key.isprintable() else repr(key)
 
 
 def _join(where: str, key: str) -> str:
@@ -246,11 +269,16 @@ def validate(experiment: Experiment) -> Experiment:
         if getattr(search, name) < 1:
             raise SpaceError(f"search.{name}: must be at least 1, got {getattr(search, name)}")
     _check_positive(search.cpus_per_trial, "search.cpus_per_trial")
+    if search.gpus_per_trial < 0:
+        raise SpaceError(f"search.gpus_per_trial: must be >= 0, got {search.gpus_per_trial:g}")
     if search.importance not in IMPORTANCE:
         raise SpaceError(f"search.importance: unknown criterion {search.importance!r}; valid: {', '.join(IMPORTANCE.names())}")
     _check_range(search.budgets.keep_ratio, "search.budgets.keep_ratio", low=0, high=1, open_low=True)
     for key, value in search.budgets.overrides.items():
         _check_range(value, f"search.budgets.overrides.{key}", low=0, high=1, open_low=True)
+    for i, ratio in enumerate(search.uniform_anchors):
+        if not 0 < ratio <= 1:
+            raise SpaceError(f"search.uniform_anchors[{i}]: {ratio:g} is outside (0, 1]")
     _check_range(search.kd_alpha, "search.kd_alpha", low=0, high=1)
     _check_range(search.kd_temperature, "search.kd_temperature", low=0, high=100, open_low=True)
     _check_range(search.lr, "search.lr", low=0, high=10, open_low=True)
