@@ -90,8 +90,15 @@ def _tracker(args: argparse.Namespace):
     from search.layout import Layout
     from search.tracking import Tracker
 
-    uri = args.tracking_uri or Layout.at(_output(args), args.experiment).tracking_uri
-    return Tracker(uri, args.experiment)
+    if args.tracking_uri is not None:
+        return Tracker(args.tracking_uri, args.experiment)
+    layout = Layout.at(_output(args), args.experiment)
+    if not layout.tracking_db.exists():  # do not create an empty store by looking
+        raise UsageError(
+            f"no searches in {layout.root}; run `slimtune search SPACE.yaml` here first,"
+            " or pass the --output / --tracking-uri the search used"
+        )
+    return Tracker(layout.tracking_uri, args.experiment)
 
 
 def _print_front(front, *, header: str) -> None:

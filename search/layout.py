@@ -36,8 +36,12 @@ class Layout:
         return cls(root=Path(output).resolve(), experiment=experiment)
 
     @property
+    def tracking_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
     def tracking_uri(self) -> str:
-        return f"sqlite:///{self.root / 'mlflow.db'}"
+        return f"sqlite:///{self.tracking_db}"
 
     @property
     def artifacts(self) -> Path:

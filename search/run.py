@@ -4,8 +4,8 @@ Ray, Optuna and MLflow are imported here (not at CLI start-up) so that `slimtune
 """
 from __future__ import annotations
 
+import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +63,7 @@ def _ensure_teacher(experiment: Experiment, layout: Layout, tracker: Tracker, pa
                 tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
                 log(f"  teacher epoch {int(metrics['epoch'])}/{experiment.teacher.epochs}: loss {metrics['loss_total']:.3f}, val acc {metrics['val_accuracy']:.3f}")
 
+            started = time.perf_counter()
             metrics = train_teacher(
                 data=experiment.data,
                 model=experiment.model,
@@ -70,6 +71,7 @@ def _ensure_teacher(experiment: Experiment, layout: Layout, tracker: Tracker, pa
                 output_dir=directory,
                 on_epoch_end=on_epoch_end,
             )
+            metrics["seconds"] = time.perf_counter() - started
         tracker.log_metrics(run_id, {**metrics, "macs_ratio": 1.0}, step=experiment.teacher.epochs)
         tracker.end_run(run_id)
     except BaseException as error:
@@ -103,6 +105,23 @@ def _param_space(experiment: Experiment, groups: tuple[Any, ...]) -> dict[str, A
         "kd_alpha": domain(s.kd_alpha),
         "kd_temperature": domain(s.kd_temperature),
     }
+
+
+def _midpoint(r: Any) -> float:
+    return math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2
+
+
+def _anchor_points(experiment: Experiment, space: dict[str, Any]) -> list[dict[str, float]]:
+    """Uniform-ratio trials (clipped into each group's range), other knobs at their range midpoints."""
+    s = experiment.search
+    points = []
+    for ratio in s.uniform_anchors[: s.num_trials]:
+        keep = {}
+        for name in space["keep"]:
+            bounds = s.budgets.overrides.get(name, s.budgets.keep_ratio)
+            keep[f"keep/{name}"] = min(max(ratio, bounds.low), bounds.high)
+        points.append({**keep, "lr": _midpoint(s.lr), "kd_alpha": _midpoint(s.kd_alpha), "kd_temperature": _midpoint(s.kd_temperature)})
+    return points
 
 
 def _sampler(experiment: Experiment) -> Any:
@@ -158,9 +177,11 @@ def _run_trials(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = experiment.search
+    space = _param_space(experiment, context.groups)
     searcher = OptunaSearch(
         metric=list(OBJECTIVES),
         mode=list(OBJECTIVES.values()),
+        points_to_evaluate=_anchor_points(experiment, space),
         sampler=_sampler(experiment),
         study_name=study_name,
         storage=optuna.storages.RDBStorage(layout.optuna_storage),
@@ -170,7 +191,7 @@ def _run_trials(
     )
     tuner = tune.Tuner(
         trainable,
-        param_space=_param_space(experiment, context.groups),
+        param_space=space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=s.num_trials, max_concurrent_trials=s.max_concurrent),
         run_config=tune.RunConfig(
             name=study_name,
@@ -230,7 +251,13 @@ def run_search(
         tracker.log_params(parent_id, {"arch": experiment.model.arch, "num_trials": experiment.search.num_trials, "sampler": experiment.search.sampler})
         teacher_dir = _ensure_teacher(experiment, layout, tracker, parent_id, log)
         teacher, _ = load_model(teacher_dir)
-        groups = tuple(prunable_groups(teacher, image_size=experiment.data.image_size))
+        try:
+            groups = tuple(prunable_groups(teacher, image_size=experiment.data.image_size))
+        except Exception as error:  # Torch-Pruning cannot trace some architectures (e.g. channel shuffle)
+            raise SpaceError(
+                f"model.arch: {experiment.model.arch} cannot be pruned structurally ({type(error).__name__}: {error});"
+                " tested: mobilenet_v2, resnet18, resnet50, vgg11_bn, densenet121"
+            ) from error
         log(f"pruning: {len(groups)} dependency groups in {len(set(g.stage for g in groups))} stages, budgets per {experiment.search.budgets.granularity}")
         context = TrialContext(
             experiment=experiment,

@@ -5,6 +5,7 @@ Optuna record it as failed too; the search goes on with the other trials.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,7 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     from pipelines.trial import run_trial
     from search.tracking import TRIAL_TAG, Tracker
 
+    started = time.perf_counter()
     experiment = context.experiment
     torch.set_num_threads(max(1, int(experiment.search.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id()
@@ -86,6 +88,7 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
         )
         with open(f"{output_dir}/config.yaml", "w") as f:
             f.write(context.config_yaml)
+        final["seconds"] = time.perf_counter() - started
         tracker.log_metrics(run_id, final, step=experiment.trial.epochs)
         tracker.log_artifacts(run_id, output_dir, "model")
         tracker.end_run(run_id, "FINISHED")

@@ -1,0 +1,147 @@
+"""`slimtune search` -> MLflow runs -> `pareto` -> `fetch`, for real: local Ray, SQLite MLflow, Optuna.
+
+Tiny on purpose (20 images per class, 32 px, one epoch): this checks the plumbing, not accuracy.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipelines.config import DataConfig
+from pipelines.data import load_data, prepare_animal_mnist
+from pipelines.export import load_model
+from pipelines.train import evaluate
+from search.tracking import PARETO_TAG, Tracker
+
+SLIMTUNE = [sys.executable, "-m", "search.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _slimtune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*SLIMTUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("e2e")
+    prepare_animal_mnist(work / "animal_mnist")
+    space = {
+        "name": "tiny",
+        "data": {"path": "animal_mnist", "image_size": 32, "max_images_per_class": 20},
+        "model": {"arch": "mobilenet_v2", "weights": "IMAGENET1K_V1"},
+        "teacher": {"epochs": 1},
+        "trial": {"epochs": 2, "bn_recalibration_batches": 2},
+        "search": {"num_trials": 3, "max_concurrent": 2, "budgets": {"granularity": "stage", "keep_ratio": [0.2, 1.0]}},
+    }
+    (work / "tiny.yaml").write_text(yaml.safe_dump(space))
+    result = _slimtune("search", "tiny.yaml", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"work": work, "stdout": result.stdout, "tracker": Tracker(f"sqlite:///{work}/slimtune-runs/mlflow.db", "tiny")}
+
+
+def test_search_prints_front_and_mlflow_command(searched: dict) -> None:
+    out = searched["stdout"]
+    assert "Pareto front of 'tiny'" in out
+    assert "mlflow ui --backend-store-uri sqlite:///" in out
+    assert "slimtune fetch tiny --max-macs" in out
+
+
+def test_parent_teacher_and_trial_runs_are_logged(searched: dict) -> None:
+    tracker: Tracker = searched["tracker"]
+    search = tracker.latest_search()
+    assert search is not None and search.status == "FINISHED"
+    assert search.metrics["finished_trials"] == 3
+    (teacher,) = tracker.children(search.run_id, role="teacher")
+    assert teacher.name == "teacher" and teacher.status == "FINISHED"
+    trials = tracker.children(search.run_id, role="trial")
+    assert len(trials) == 3
+    for run in trials:
+        assert run.status == "FINISHED"
+        keep = {k for k in run.params if k.startswith("keep.")}
+        assert len(keep) == 25  # per-stage sampling is expanded to every group of mobilenet_v2
+        assert {"lr", "kd_alpha", "kd_temperature"} <= run.params.keys()
+        for metric in ("val_accuracy", "test_accuracy", "proxy_accuracy", "macs", "params", "loss_ce", "loss_kd", "loss_total"):
+            assert metric in run.metrics, metric
+        assert 0 < run.metrics["macs"] <= teacher.metrics["macs"]
+        history = tracker.client.get_metric_history(run.run_id, "val_accuracy")
+        assert {m.step for m in history} == {1, 2}  # one value per epoch
+        assert run.tags[PARETO_TAG] in ("true", "false")
+
+
+def test_pareto_command_lists_tagged_front(searched: dict) -> None:
+    tracker: Tracker = searched["tracker"]
+    search = tracker.latest_search()
+    front = [r for r in tracker.children(search.run_id, role="trial") if r.tags[PARETO_TAG] == "true"]
+    assert front
+    result = _slimtune("pareto", "tiny", cwd=searched["work"])
+    assert result.returncode == 0, result.stderr
+    for run in front:
+        assert run.tags["slimtune.trial_id"] in result.stdout
+
+
+def test_fetch_returns_the_logged_model(searched: dict) -> None:
+    work: Path = searched["work"]
+    tracker: Tracker = searched["tracker"]
+    result = _slimtune("fetch", "tiny", "--max-macs", "1G", "-o", "best", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (work / "best").iterdir()) == ["channel_spec.json", "config.yaml", "model.safetensors"]
+    model, spec = load_model(work / "best")
+    config = yaml.safe_load((work / "best" / "config.yaml").read_text())
+    splits = load_data(DataConfig(**config["data"]))
+    accuracy = evaluate(model.to(memory_format=torch.channels_last), splits.test)
+    search = tracker.latest_search()
+    chosen = [
+        r for r in tracker.children(search.run_id, role="trial") if r.tags[PARETO_TAG] == "true" and r.metrics["macs"] == spec["metrics"]["macs"]
+    ]
+    assert chosen and accuracy == pytest.approx(chosen[0].metrics["test_accuracy"], abs=1e-6)
+
+
+def test_fetch_under_too_small_budget_is_a_one_line_error(searched: dict) -> None:
+    result = _slimtune("fetch", "tiny", "--max-macs", "1K", cwd=searched["work"])
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--max-macs" in result.stderr
+
+
+def test_unknown_experiment_is_a_one_line_error(searched: dict) -> None:
+    result = _slimtune("pareto", "no-such-experiment", cwd=searched["work"])
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no-such-experiment" in result.stderr
+
+
+def test_corrupt_teacher_fails_every_trial_but_the_search_completes(searched: dict) -> None:
+    """A fault inside trials: each is recorded FAILED with its error; earlier results stay intact."""
+    work: Path = searched["work"]
+    tracker: Tracker = searched["tracker"]
+    before = tracker.latest_search()
+    (logits,) = (work / "slimtune-runs" / "tiny").glob("teacher-*/train_logits.safetensors")
+    logits.write_bytes(b"not a safetensors file")
+    result = _slimtune("search", "tiny.yaml", "--num-trials", "2", cwd=work)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "no trial finished" in result.stderr
+    search = tracker.latest_search()
+    assert search.run_id != before.run_id and search.status == "FINISHED"
+    trials = tracker.children(search.run_id, role="trial")
+    assert len(trials) == 2
+    assert all(r.status == "FAILED" and "error" in r.tags for r in trials)
+    assert tracker.get(before.run_id).status == "FINISHED"
+    assert len(tracker.children(before.run_id, role="trial")) == 3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["search", "missing.yaml"], "missing.yaml"),
+        (["pareto", "quickstart"], "no searches in"),
+        (["fetch", "tiny", "--max-macs", "lots"], "--max-macs"),
+    ],
+)
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path, args: list[str], message: str) -> None:
+    result = _slimtune(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("slimtune: error:") and result.stderr.count("\n") == 1
+    assert message in result.stderr
