@@ -3,6 +3,11 @@
 The channel spec records, for every Conv2d, Linear and BatchNorm layer, the widths it has after
 pruning. Loading builds the plain torchvision architecture, swaps in layers of the recorded
 widths, and loads the weights; Torch-Pruning is not needed at load time.
+
+Gated models (`pipelines.gating`): `layers` still describes the plain architecture (a gate's conv
+and BN under their original names; its predictor is not listed), and a `gates` entry (absent for
+ungated models) maps each gated conv to its `"type": "Gate"` record: BN name, density, predictor
+sizes, static and pruned channels. Loading re-adds the gates before loading the weights.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipelines.gating import ChannelGate, add_gates, gate_spec, named_gates
+
 __all__ = ["channel_spec", "save_model", "load_model", "MODEL_FILE", "SPEC_FILE"]
 
 MODEL_FILE = "model.safetensors"
@@ -22,20 +29,33 @@ SPEC_FILE = "channel_spec.json"
 SPEC_VERSION = 1
 
 
+def _widths(module: nn.Module) -> dict[str, int | str] | None:
+    if isinstance(module, nn.Conv2d):
+        return {
+            "type": "Conv2d",
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "groups": module.groups,
+        }
+    if isinstance(module, nn.Linear):
+        return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features}
+    if isinstance(module, nn.BatchNorm2d):
+        return {"type": "BatchNorm2d", "num_features": module.num_features}
+    return None
+
+
 def channel_spec(model: nn.Module) -> dict[str, dict[str, int | str]]:
+    """Layer name -> widths, for the plain architecture (a gate's conv and BN under their own names)."""
     spec: dict[str, dict[str, int | str]] = {}
+    inside_gates: tuple[str, ...] = ()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            spec[name] = {
-                "type": "Conv2d",
-                "in_channels": module.in_channels,
-                "out_channels": module.out_channels,
-                "groups": module.groups,
-            }
-        elif isinstance(module, nn.Linear):
-            spec[name] = {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features}
-        elif isinstance(module, nn.BatchNorm2d):
-            spec[name] = {"type": "BatchNorm2d", "num_features": module.num_features}
+        if inside_gates and name.startswith(inside_gates):
+            continue
+        if isinstance(module, ChannelGate):
+            spec[name], spec[module.bn_name] = _widths(module.conv), _widths(module.bn)
+            inside_gates += (name + ".",)
+        elif (widths := _widths(module)) is not None:
+            spec[name] = widths
     return spec
 
 
@@ -46,6 +66,9 @@ def save_model(model: nn.Module, directory: str | Path, *, arch: str, metadata: 
     tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     save_file(tensors, directory / MODEL_FILE)
     spec = {**metadata, "version": SPEC_VERSION, "arch": arch, "layers": channel_spec(model)}
+    gates = gate_spec(model)
+    if gates:
+        spec["gates"] = gates
     (directory / SPEC_FILE).write_text(json.dumps(spec, indent=1))
     return directory
 
@@ -79,5 +102,11 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, _resized(getattr(parent, child), widths))
+    gates = spec.get("gates", {})
+    if gates:
+        add_gates(model, {name: gate["density"] for name, gate in gates.items()}, layers=list(gates))
+        for name, gate in named_gates(model).items():
+            if gate.bn_name != gates[name]["bn"]:
+                raise ValueError(f"{directory}: gate {name} found BN {gate.bn_name}, the spec says {gates[name]['bn']}")
     model.load_state_dict(load_file(directory / MODEL_FILE))
     return model.eval(), spec

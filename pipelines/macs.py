@@ -5,6 +5,14 @@ ONE image at the given size. Batch norm, activations, pooling and residual adds 
 BN folds into the preceding convolution at deployment, and the rest are a few percent of the
 total. This is exactly half of what `torch.utils.flop_counter.FlopCounterMode` reports for the same
 layers (it counts 2 FLOPs per MAC); tests hold us to that. FLOPs, where shown, are 2 x MACs.
+
+Gated models (`pipelines.gating`): given `inputs` (real normalised images at `image_size`), the
+count is the EXPECTATION over those images, a float. Per image, a gated conv costs only its kept
+output channels; a conv reading the gated channels costs only its kept input channels; a depthwise
+conv following the gate costs only the kept channels (a skipped one is a per-channel constant,
+folded into the next 1x1 conv's bias), and so do the convs reading its output. Each gate's
+predictor Linear costs (kept input channels) x (channels it still predicts: neither static nor
+pruned). Without `inputs`, or without gates, every channel is counted, as above.
 """
 from __future__ import annotations
 
@@ -14,13 +22,16 @@ import torch
 from torch import nn
 
 from pipelines._helpers import probe_forward
+from pipelines.gating import ChannelGate
 
 __all__ = ["Complexity", "count_macs"]
+
+_CHUNK = 64  # images per forward when counting expected MACs
 
 
 @dataclass(frozen=True)
 class Complexity:
-    macs: int
+    macs: int | float  # an int; a float (an expectation over inputs) for gated models given `inputs`
     params: int
 
 
@@ -32,7 +43,70 @@ def _layer_macs(module: nn.Module, output: torch.Tensor) -> int:
     return per_image_outputs * module.in_features  # nn.Linear
 
 
-def count_macs(model: nn.Module, *, image_size: int) -> Complexity:
+def _readers(model: nn.Module, name: str) -> list[nn.Module]:
+    """The layers reading conv `name`'s input: itself, or a gate's conv and predictor."""
+    module = model.get_submodule(name)
+    return [module.conv, module.predictor] if isinstance(module, ChannelGate) else [module]
+
+
+def _gated_macs(model: nn.Module, gates: list[ChannelGate], dense: dict[nn.Module, int], n: int) -> int:
+    """Sum over the last forward's `n` images of each one's MACs, from the gates' recorded masks."""
+    # layer -> [(kept channels per image, channels)]: each factor scales the layer's dense MACs.
+    factors: dict[nn.Module, list[tuple[torch.Tensor, int]]] = {}
+    for gate in gates:
+        if gate.last_mask is None:
+            continue
+        channels = gate.conv.out_channels
+        kept = gate.last_mask.sum(dim=1).cpu()
+        factors.setdefault(gate.conv, []).append((kept, channels))
+        factors.setdefault(gate.predictor, []).append((torch.full((n,), gate.predicted), channels))
+        for name in gate.consumers:
+            for layer in _readers(model, name):
+                factors.setdefault(layer, []).append((kept, channels))
+        for name in gate.followers:  # depthwise: MACs proportional to its channels, counted once
+            factors.setdefault(model.get_submodule(name), []).append((kept, channels))
+    total = 0
+    for layer, macs in dense.items():
+        numerator, denominator = torch.full((n,), macs, dtype=torch.int64), 1
+        for kept, channels in factors.get(layer, []):
+            numerator, denominator = numerator * kept, denominator * channels
+        total += int((numerator // denominator).sum())  # exact: dense MACs are multiples of the channels
+    return total
+
+
+@torch.no_grad()
+def _expected_macs(model: nn.Module, gates: list[ChannelGate], inputs: torch.Tensor, image_size: int) -> float:
+    if inputs.dim() != 4 or tuple(inputs.shape[-2:]) != (image_size, image_size) or len(inputs) == 0:
+        raise ValueError(f"inputs must be N x C x {image_size} x {image_size} with N >= 1, got {tuple(inputs.shape)}")
+    dense: dict[nn.Module, int] = {}
+
+    def record(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        dense[module] = _layer_macs(module, output)
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [m.register_forward_hook(record) for m in layers]
+    was_training = model.training
+    model.eval()
+    total = 0
+    try:
+        for chunk in inputs.split(_CHUNK):
+            for gate in gates:
+                gate.last_mask = None
+            model(chunk)
+            total += _gated_macs(model, gates, dense, len(chunk))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return total / len(inputs)
+
+
+def count_macs(model: nn.Module, *, image_size: int, inputs: torch.Tensor | None = None) -> Complexity:
+    """MACs per image and parameters; with `inputs` and gates, the expected MACs over `inputs`."""
+    params = sum(p.numel() for p in model.parameters())
+    gates = [m for m in model.modules() if isinstance(m, ChannelGate)]
+    if inputs is not None and gates:
+        return Complexity(macs=_expected_macs(model, gates, inputs, image_size), params=params)
     total = 0
 
     def add(module: nn.Module, output: torch.Tensor) -> None:
@@ -41,4 +115,4 @@ def count_macs(model: nn.Module, *, image_size: int) -> Complexity:
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     probe_forward(model, layers, add, image_size=image_size)
-    return Complexity(macs=total, params=sum(p.numel() for p in model.parameters()))
+    return Complexity(macs=total, params=params)

@@ -1,0 +1,251 @@
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from pipelines.export import SPEC_FILE, load_model, save_model
+from pipelines.gating import (
+    ChannelGate,
+    add_gates,
+    channel_usage,
+    default_gate_layers,
+    density_schedule,
+    freeze_static_channels,
+    gate_stages,
+    kept_channels,
+    named_gates,
+    set_density,
+)
+from pipelines.macs import count_macs
+
+IMAGE_SIZE = 32
+EXPECTED_GATES = {
+    "resnet18": [f"layer{s}.{b}.conv1" for s in range(1, 5) for b in range(2)],
+    "mobilenet_v2": [f"features.{i}.conv.0.0" for i in range(2, 18)],
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _plain(arch: str) -> nn.Module:
+    """Random-init model with non-trivial BN statistics, in eval mode; tests copy it before changing it."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=10).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
+def gated(arch: str, density: float) -> nn.Module:
+    """A gated copy whose random predictors (saliency ~ 1) make different inputs pick different channels."""
+    model = add_gates(copy.deepcopy(_plain(arch)), density)
+    torch.manual_seed(2)
+    for gate in named_gates(model).values():
+        nn.init.normal_(gate.predictor.weight, std=gate.predictor.in_features**-0.5)
+        nn.init.normal_(gate.predictor.bias, mean=1.0, std=0.1)
+    return model.eval()
+
+
+def images(n: int = 4, seed: int = 123) -> torch.Tensor:
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_fresh_gates_at_full_density_are_exact_identity(arch: str) -> None:
+    plain = _plain(arch)
+    model = add_gates(copy.deepcopy(plain), 1.0).eval()
+    assert list(named_gates(model)) == EXPECTED_GATES[arch]
+    with torch.no_grad():
+        assert torch.equal(model(images()), plain(images()))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_half_density_keeps_ceil_half_per_input_and_inputs_differ(arch: str) -> None:
+    model = gated(arch, 0.5)
+    with torch.no_grad():
+        assert torch.isfinite(model(images())).all()
+    differs = False
+    for name, gate in named_gates(model).items():
+        assert gate.last_mask.shape == (4, gate.conv.out_channels)
+        assert (gate.last_mask.sum(dim=1) == math.ceil(0.5 * gate.conv.out_channels)).all(), name
+        differs |= bool((gate.last_mask != gate.last_mask[:1]).any())
+    assert differs
+
+
+@pytest.mark.parametrize(
+    ("channels", "density", "kept"), [(8, 0.5, 4), (10, 0.7, 7), (100, 0.07, 7), (7, 0.5, 4), (5, 0.01, 1), (6, 1.0, 6)]
+)
+def test_kept_channels_is_ceil_without_float_noise(channels: int, density: float, kept: int) -> None:
+    assert kept_channels(channels, density) == kept
+
+
+def tiny(width: int = 8, *, depthwise: bool = False) -> nn.Sequential:
+    """conv(3->width)+BN+ReLU [depthwise 3x3 +BN+ReLU] conv(width->4), pool, linear(4->2), at 8 px."""
+    torch.manual_seed(0)
+    middle = [nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    layers = [nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+    layers += middle if depthwise else []
+    layers += [nn.Conv2d(width, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)]
+    return nn.Sequential(*layers).eval()
+
+
+def hand_gated(density: float, *, depthwise: bool = False) -> nn.Sequential:
+    """Type A images (mean in the red channel) favour channels 0..3, type B (green) 4..7, by hand."""
+    model = add_gates(tiny(depthwise=depthwise), {"0": density}, layers=["0"])
+    predictor = model[0].predictor
+    with torch.no_grad():
+        predictor.weight.zero_()
+        predictor.bias.zero_()
+        predictor.weight[:4, 0] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+        predictor.weight[4:, 1] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    return model
+
+
+def typed_images(kinds: str) -> torch.Tensor:
+    x = torch.zeros(len(kinds), 3, 8, 8)
+    for i, kind in enumerate(kinds):
+        x[i, 0 if kind == "A" else 1] = 1.0
+    return x
+
+
+@pytest.mark.parametrize("depthwise", [False, True], ids=["plain", "depthwise"])
+def test_expected_macs_match_hand_computation(depthwise: bool) -> None:
+    model = hand_gated(0.5, depthwise=depthwise)
+    x = typed_images("AAAB")
+    with torch.no_grad():
+        model(x)
+    selected = model[0].last_mask
+    assert selected[:3, :4].all() and not selected[:3, 4:].any()
+    assert selected[3, 4:].all() and not selected[3, :4].any()
+
+    # 8x8 outputs; conv0 3->4 kept (3x3); [depthwise on 4 kept (3x3)]; conv 4 kept->4 (1x1); fc; predictor 3x8.
+    expected = 64 * 4 * 3 * 9 + (64 * 4 * 9 if depthwise else 0) + 64 * 4 * 4 + 4 * 2 + 3 * 8
+    assert count_macs(model, image_size=8, inputs=x).macs == expected
+    assert expected == count_macs(tiny(4, depthwise=depthwise), image_size=8).macs + 3 * 8
+
+    dense = 64 * 8 * 3 * 9 + (64 * 8 * 9 if depthwise else 0) + 64 * 4 * 8 + 4 * 2
+    assert count_macs(tiny(depthwise=depthwise), image_size=8).macs == dense
+    assert count_macs(tiny(depthwise=depthwise), image_size=8, inputs=x).macs == dense  # no gates: dense
+    assert count_macs(model, image_size=8).macs == dense + 3 * 8  # no inputs: every channel
+
+    by_density = []
+    for density in (0.25, 0.5, 1.0):
+        set_density(model, density)
+        by_density.append(count_macs(model, image_size=8, inputs=x).macs)
+    assert by_density[0] < by_density[1] < by_density[2] == dense + 3 * 8
+
+
+def test_expected_macs_of_gated_mobilenet_between_zero_and_dense() -> None:
+    model = gated("mobilenet_v2", 0.5)
+    dense = count_macs(_plain("mobilenet_v2"), image_size=IMAGE_SIZE).macs
+    expected = count_macs(model, image_size=IMAGE_SIZE, inputs=images(3)).macs
+    assert 0 < expected < dense
+    with pytest.raises(ValueError, match="inputs must be"):
+        count_macs(model, image_size=IMAGE_SIZE, inputs=torch.zeros(1, 3, 16, 16))
+
+
+def test_export_round_trip_of_gated_resnet18(tmp_path: Path) -> None:
+    model = gated("resnet18", 0.5)
+    gate = model.layer1[0].conv1
+    gate.static[:3] = True
+    gate.pruned[-2:] = True
+    with torch.no_grad():
+        gate.static_scale[:3] = torch.tensor([0.5, 2.0, 1.5])
+    save_model(model, tmp_path, arch="resnet18", metadata={"classes": list("abcdefghij")})
+    loaded, spec = load_model(tmp_path)
+    assert json.loads((tmp_path / SPEC_FILE).read_text()) == spec
+    assert spec["gates"]["layer1.0.conv1"] == {
+        "type": "Gate",
+        "bn": "layer1.0.bn1",
+        "density": 0.5,
+        "in_features": 64,
+        "out_features": 64,
+        "static": [0, 1, 2],
+        "pruned": [62, 63],
+    }
+    assert list(spec["gates"]) == EXPECTED_GATES["resnet18"]
+    assert spec["layers"]["layer1.0.conv1"]["type"] == "Conv2d"
+    assert spec["layers"]["layer1.0.bn1"] == {"type": "BatchNorm2d", "num_features": 64}
+    assert isinstance(loaded.layer1[0].conv1, ChannelGate)
+    with torch.no_grad():
+        assert torch.equal(loaded(images()), model(images()))
+
+
+def test_plain_spec_has_no_gates(tmp_path: Path) -> None:
+    save_model(_plain("resnet18"), tmp_path, arch="resnet18", metadata={})
+    spec = json.loads((tmp_path / SPEC_FILE).read_text())
+    assert "gates" not in spec
+    assert all(entry["type"] != "Gate" for entry in spec["layers"].values())
+
+
+@pytest.mark.parametrize(
+    ("kinds", "static", "pruned"),
+    [("AAAA", [0, 1, 2, 3], [4, 5, 6, 7]), ("AAAB", [], [])],
+    ids=["always-or-never", "mixed"],
+)
+def test_usage_decides_static_and_pruned_channels(kinds: str, static: list[int], pruned: list[int]) -> None:
+    model = hand_gated(0.5)
+    x = typed_images(kinds)
+    with torch.no_grad():
+        before = model(x)
+    usage = channel_usage(model, [(x[:2],), (x[2:],)])
+    share_a = kinds.count("A") / len(kinds)
+    assert torch.equal(usage["0"], torch.tensor([share_a] * 4 + [1 - share_a] * 4))
+    summary = freeze_static_channels(model, usage)
+    gate = model[0]
+    assert gate.static.nonzero().flatten().tolist() == static
+    assert gate.pruned.nonzero().flatten().tolist() == pruned
+    assert summary["0"] == {"dynamic": 8 - len(static) - len(pruned), "static": len(static), "pruned": len(pruned)}
+    with torch.no_grad():
+        after = model(x)
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after, before)  # static scale = the mean saliency, equal for equal images
+    if static:  # predictor rows of static and pruned channels cost nothing any more
+        assert count_macs(model, image_size=8, inputs=x).macs == count_macs(tiny(4), image_size=8).macs
+
+
+def test_freezing_never_prunes_below_the_kept_channels() -> None:
+    model = hand_gated(0.5)
+    x = typed_images("AAAB")
+    freeze_static_channels(model, channel_usage(model, [x]), never=1.1)  # every channel under the bar
+    assert model[0].pruned.nonzero().flatten().tolist() == [4, 5, 6, 7]  # the 4 most used stay
+    with torch.no_grad():
+        assert (model(x) != 0).any() and model[0].last_mask[:, :4].all()
+
+
+def test_density_schedule_and_set_density() -> None:
+    assert density_schedule(0.25, 4) == [1.0, 0.75, 0.5, 0.25]
+    assert density_schedule(0.3, 1) == [0.3]
+    assert density_schedule({"a": 0.5, "b": 0.3}, 3)[-1] == {"a": 0.5, "b": 0.3}
+    model = hand_gated(1.0)
+    set_density(model, {"0": 0.25})
+    assert model[0].density == 0.25 and model[0].kept == 2
+    with pytest.raises(ValueError, match="density"):
+        set_density(model, 0.0)
+    with pytest.raises(KeyError):
+        set_density(model, {"3": 0.5})
+
+
+def test_predictor_learns_through_the_saliency_scaling() -> None:
+    model = add_gates(tiny(), 0.5, layers=["0"]).train()  # fresh gate: W = 0, so every saliency ties
+    model(typed_images("AB")).square().sum().backward()
+    assert model[0].predictor.weight.grad.abs().sum() > 0
+
+
+def test_gate_stages_follow_prune_stage_labels() -> None:
+    stages = gate_stages(_plain("resnet18"))
+    assert stages == {name: f"stride_{2 ** (int(name[5]) + 1)}" for name in EXPECTED_GATES["resnet18"]}
+    assert gate_stages(add_gates(copy.deepcopy(_plain("resnet18")), 0.5)) == stages
+
+
+def test_explicit_layers_need_bn_and_activation() -> None:
+    with pytest.raises(ValueError, match="BatchNorm2d"):
+        add_gates(tiny(), 0.5, layers=["3"])  # conv(8->4) is followed by pooling
+    assert default_gate_layers(tiny()) == []  # the only candidate reads the image itself
