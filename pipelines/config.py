@@ -32,11 +32,17 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class TrialParams:
-    """What the search samples for one trial."""
+    """What the search samples for one trial; the defaults are the plain spine (uniform L1, one shot, KD)."""
 
-    keep_ratios: dict[str, float] = field(default_factory=dict)  # group name -> kept fraction of channels
+    budget: dict[str, float] = field(default_factory=dict)  # knobs of the parametrisation: group/stage ratios, theta, percentile
+    parametrisation: str = "group"  # pipelines.budgets.BUDGETS
+    criterion: str = "l1"  # pipelines.importance.CRITERIA
+    schedule: str = "one_shot"  # pipelines.schedules.SCHEDULES
+    rounds: int = 3  # iterative / priority schedules: prune -> fine-tune rounds
+    max_drop: float = 0.02  # iterative / priority: stop when val accuracy falls this far below the best round
+    bn_sparsity: float = 0.0  # network slimming: L1 weight on BN scales during one epoch before the cut; 0 = off
     lr: float = 1e-3
-    kd_alpha: float = 0.5  # weight of the distillation term; 0 = plain cross-entropy
-    kd_temperature: float = 4.0
-    importance: str = "l1"
-
+    losses: dict[str, dict[str, float]] = field(default_factory=lambda: {"kd": {"alpha": 0.5, "temperature": 4.0}})
+    densities: dict[str, float] = field(default_factory=dict)  # stage -> dynamic-gating density; empty = no gating
+    class_weighted: bool = False  # TASCNet: cross-entropy weighted by inverse class frequency
+    min_channels: int = 0  # groups with at most this many channels are never pruned (TASCNet: 128)

@@ -34,8 +34,9 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def build_model(config: ModelConfig, *, num_classes: int) -> nn.Module:
-    """The torchvision model `config.arch` with its pretrained weights and a new `num_classes` head."""
+def build_model(config: ModelConfig, *, num_classes: int | None) -> nn.Module:
+    """The torchvision model `config.arch` with its pretrained weights and a new `num_classes` head
+    (`num_classes=None` keeps the pretrained classifier: the source network)."""
     weights = None
     if config.weights is not None:
         weights = torchvision.models.get_model_weights(config.arch)[config.weights]
@@ -46,6 +47,8 @@ def build_model(config: ModelConfig, *, num_classes: int) -> nn.Module:
             f"model.weights: cannot load {config.arch} {config.weights} offline ({error}); "
             f"put {weights.url.rsplit('/', 1)[-1]} into torch's hub cache (`make weights` does this for mobilenet_v2)"
         ) from error
+    if num_classes is None:
+        return model
     head = head_name(model)
     old = model.get_submodule(head)
     _replace_module(model, head, nn.Linear(old.in_features, num_classes))

@@ -9,7 +9,7 @@ input at 224 px (`classifier` for hidden Linear layers): a definition that works
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,19 +17,18 @@ import torch_pruning as tp
 from torch import nn
 
 from pipelines._helpers import probe_forward
-from pipelines._registry import Registry
+from pipelines.importance import group_scores, module_scores
 from pipelines.models import head_name
 
-__all__ = ["IMPORTANCE", "Group", "prunable_groups", "prune_to_ratios", "stage_ratios_to_groups"]
-
-Importance = Callable[[tp.dependency.Group], torch.Tensor]
-IMPORTANCE: Registry[Callable[[], Importance]] = Registry("importance criterion")
-
-
-@IMPORTANCE.register("l1", description="sum of |weights| per filter, averaged over the coupled layers (Li et al. 2017)")
-def _l1() -> Importance:
-    return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="mean", normalizer=None)
-
+__all__ = [
+    "Group",
+    "prunable_groups",
+    "group_scores_by_name",
+    "prune_to_counts",
+    "prune_to_ratios",
+    "kept_channels",
+    "layer_stages",
+]
 
 @dataclass(frozen=True)
 class Group:
@@ -63,7 +62,7 @@ def _named_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[str
     return named
 
 
-def _stages(model: nn.Module, layer_names: list[str]) -> dict[str, str]:
+def layer_stages(model: nn.Module, layer_names: list[str]) -> dict[str, str]:
     names = {model.get_submodule(name): name for name in layer_names}
     stages: dict[str, str] = {}
     # Probe at 224 px, divisible by every stride of an ImageNet CNN, so labels do not depend on the
@@ -81,12 +80,8 @@ def _stages(model: nn.Module, layer_names: list[str]) -> dict[str, str]:
 def prunable_groups(model: nn.Module, *, image_size: int) -> list[Group]:
     """The model's prunable groups in definition order (the classifier's outputs are never pruned)."""
     named = _named_groups(model, _dependency_graph(model, image_size))
-    stages = _stages(model, [name for name, _ in named])
+    stages = layer_stages(model, [name for name, _ in named])
     return [Group(name=name, channels=len(group[0].idxs), stage=stages[name]) for name, group in named]
-
-
-def stage_ratios_to_groups(groups: list[Group], stage_ratios: dict[str, float]) -> dict[str, float]:
-    return {group.name: stage_ratios[group.stage] for group in groups}
 
 
 def kept_channels(channels: int, ratio: float) -> int:
@@ -94,30 +89,69 @@ def kept_channels(channels: int, ratio: float) -> int:
     return max(1, min(channels, round(channels * ratio)))
 
 
-def prune_to_ratios(
-    model: nn.Module, keep_ratios: dict[str, float], *, image_size: int, importance: str = "l1"
-) -> nn.Module:
-    """Physically remove the least important channels of each group, in place; returns `model`.
+def group_scores_by_name(model: nn.Module, scores: dict[nn.Module, torch.Tensor], *, image_size: int) -> dict[str, torch.Tensor]:
+    """One score per channel of every prunable group, from per-module scores (see pipelines.importance)."""
+    return {name: group_scores(group, scores) for name, group in _named_groups(model, _dependency_graph(model, image_size))}
 
-    Groups absent from `keep_ratios` are left whole; unknown names raise KeyError.
+
+def prune_to_counts(
+    model: nn.Module,
+    keep: dict[str, int],
+    *,
+    image_size: int,
+    scores: dict[nn.Module, torch.Tensor],
+    followers: Sequence[nn.Module] = (),
+) -> nn.Module:
+    """Physically remove the lowest-scoring channels so that each group keeps `keep[name]`, in place.
+
+    `scores` are per-module output-channel scores of `model` (pipelines.importance). `followers`
+    are models of the same architecture and current shapes that lose exactly the same channels
+    (e.g. the pretrained weights, for L2-SP anchors). Groups absent from `keep` stay whole;
+    unknown names raise KeyError.
     """
     graph = _dependency_graph(model, image_size)
     named = _named_groups(model, graph)
-    unknown = set(keep_ratios) - {name for name, _ in named}
+    unknown = set(keep) - {name for name, _ in named}
     if unknown:
         raise KeyError(f"no prunable group named {sorted(unknown)}; groups: {[name for name, _ in named]}")
-    scorer = IMPORTANCE.get(importance)()
+    module_names = {module: name for name, module in model.named_modules()}
+    follower_graphs = [(f, _dependency_graph(f, image_size)) for f in followers]
     for name, group in named:
-        if name not in keep_ratios:
-            continue
         channels = len(group[0].idxs)
-        n_prune = channels - kept_channels(channels, keep_ratios[name])
+        n_prune = channels - max(1, min(channels, keep.get(name, channels)))
         if n_prune <= 0:
             continue
         # Re-derive the group now: pruning an earlier group (e.g. one branch of a concatenation)
         # shifts the channel positions that the group collected before any pruning still holds.
         root = group[0].dep
         current = graph.get_pruning_group(root.target.module, root.handler, idxs=list(range(channels)))
-        drop = torch.argsort(scorer(current))[:n_prune].tolist()
+        drop = torch.argsort(group_scores(current, scores))[:n_prune].tolist()
         graph.get_pruning_group(root.target.module, root.handler, idxs=drop).prune()
+        root_name = module_names[root.target.module]
+        for follower, follower_graph in follower_graphs:
+            follower_graph.get_pruning_group(follower.get_submodule(root_name), root.handler, idxs=drop).prune()
     return model
+
+
+def prune_to_ratios(
+    model: nn.Module,
+    keep_ratios: dict[str, float],
+    *,
+    image_size: int,
+    criterion: str = "l1",
+    scores: dict[nn.Module, torch.Tensor] | None = None,
+    followers: Sequence[nn.Module] = (),
+) -> nn.Module:
+    """`prune_to_counts` with each group keeping `kept_channels(current channels, ratio)`.
+
+    Without `scores`, the data-free `criterion` (l1 or bn_gamma) ranks the channels.
+    """
+    graph = _dependency_graph(model, image_size)
+    current = {name: len(group[0].idxs) for name, group in _named_groups(model, graph)}
+    unknown = set(keep_ratios) - set(current)
+    if unknown:
+        raise KeyError(f"no prunable group named {sorted(unknown)}; groups: {list(current)}")
+    keep = {name: kept_channels(current[name], ratio) for name, ratio in keep_ratios.items()}
+    if scores is None:
+        scores = module_scores(model, criterion, data=None)
+    return prune_to_counts(model, keep, image_size=image_size, scores=scores, followers=followers)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +22,11 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, _index: torch
 
 
 def make_optimizer(
-    model: nn.Module, *, lr: float, weight_decay: float, total_steps: int
+    model: nn.Module, *, lr: float, weight_decay: float, total_steps: int, extra: Iterable[nn.Parameter] = ()
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW with a cosine schedule over `total_steps` (robust to the lr on small targets, unlike SGD)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    """AdamW over the model's and `extra` parameters (e.g. a loss's attention networks) with a
+    cosine schedule over `total_steps`: robust to the lr on small targets, unlike SGD."""
+    optimizer = torch.optim.AdamW([*model.parameters(), *extra], lr=lr, weight_decay=weight_decay)
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
 
 

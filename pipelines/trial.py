@@ -1,11 +1,13 @@
 """The two pipeline entry points: `train_teacher` (once per search) and `run_trial` (once per trial).
 
-run_trial: teacher weights -> structural prune to the keep ratios -> BN recalibration -> proxy
-accuracy -> fine-tune with KD -> val/test accuracy -> MACs -> export. Pure PyTorch: callable
-from a notebook; progress goes to an optional per-epoch callback.
+run_trial: teacher weights -> importance criterion -> budget parametrisation -> pruning schedule
+(cut -> BN recalibration -> proxy accuracy -> fine-tune with the chosen distillation terms, in one
+or more rounds) -> optional dynamic gating -> val/test accuracy -> MACs -> export. Pure PyTorch:
+callable from a notebook; progress goes to an optional per-epoch callback.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,26 +15,39 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipelines.budgets import keep_counts
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
-from pipelines.data import IMAGENET_MEAN, IMAGENET_STD, Splits, load_data
-from pipelines.distill import KDLoss
+from pipelines.data import IMAGENET_MEAN, IMAGENET_STD, Split, Splits, batches, load_data
 from pipelines.export import load_model, save_model
+from pipelines.importance import ScoringData, module_scores
 from pipelines.macs import count_macs
 from pipelines.models import build_model
-from pipelines.prune import prune_to_ratios
+from pipelines.objective import FEATURE_TERMS, SOURCE_TERMS, delta_weights, make_objective
+from pipelines.prune import group_scores_by_name, prunable_groups
+from pipelines.schedules import SCHEDULES, PruningSession
+from pipelines.sources import SourceNet, index_tracer, stage_outputs
 from pipelines.train import cross_entropy_loss, evaluate, make_optimizer, predict_logits, recalibrate_bn, train_one_epoch
 
 __all__ = ["train_teacher", "run_trial", "EpochCallback", "TEACHER_LOGITS_FILE"]
 
 EpochCallback = Callable[[dict[str, float]], None]
 TEACHER_LOGITS_FILE = "train_logits.safetensors"
+TRAJECTORY_FILE = "trajectory.safetensors"
 
 
 def _finish(
-    model: nn.Module, splits: Splits, *, data: DataConfig, arch: str, output_dir: Path, extra: dict[str, float]
+    model: nn.Module,
+    splits: Splits,
+    *,
+    data: DataConfig,
+    arch: str,
+    output_dir: Path,
+    extra: dict[str, float],
+    macs_inputs: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Evaluate, count MACs, export; returns the final metrics (also stored in the channel spec)."""
-    complexity = count_macs(model, image_size=data.image_size)
+    """Evaluate, count MACs (expected over `macs_inputs` for gated models), export; returns the
+    final metrics (also stored in the channel spec)."""
+    complexity = count_macs(model, image_size=data.image_size, **({"inputs": macs_inputs} if macs_inputs is not None else {}))
     metrics = {
         **extra,
         "val_accuracy": evaluate(model, splits.val),
@@ -57,15 +72,25 @@ def _fit(
     *,
     loss_fn: Callable,
     lr: float,
+    epochs: int,
     finetune: FinetuneConfig,
+    weight_decay: float,
+    extra_params: list[nn.Parameter] = (),
     flip: bool,
+    first_epoch: int = 1,
+    before_epoch: Callable[[int], None] | None = None,
     on_epoch_end: EpochCallback | None,
-) -> None:
+) -> float:
+    """Train `epochs` epochs (AdamW, cosine); returns the final val accuracy."""
     steps_per_epoch = -(-len(splits.train) // finetune.batch_size)
     optimizer, scheduler = make_optimizer(
-        model, lr=lr, weight_decay=finetune.weight_decay, total_steps=finetune.epochs * steps_per_epoch
+        model, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps_per_epoch, extra=extra_params
     )
-    for epoch in range(1, finetune.epochs + 1):
+    val = float("nan")
+    for i in range(epochs):
+        epoch = first_epoch + i
+        if before_epoch is not None:
+            before_epoch(i)
         parts = train_one_epoch(
             model,
             splits.train,
@@ -76,9 +101,10 @@ def _fit(
             seed=finetune.seed * 1000 + epoch,
             flip=flip,
         )
+        val = evaluate(model, splits.val)
         if on_epoch_end is not None:
-            val = evaluate(model, splits.val)
             on_epoch_end({"epoch": epoch, **{f"loss_{k}": v for k, v in parts.items()}, "val_accuracy": val})
+    return val
 
 
 def train_teacher(
@@ -91,79 +117,205 @@ def train_teacher(
 ) -> dict[str, float]:
     """Fine-tune the pretrained model on the target train split (the dense teacher) and export it.
 
-    Also stores the teacher's logits on the train split, so trials distil without running it.
+    Also stores the teacher's logits on the train split, so trials distil without running it, and
+    every conv/linear weight after each epoch (float16), for TASCNet's trajectory criterion.
     """
     torch.manual_seed(finetune.seed)
     splits = load_data(data)
     net = build_model(model, num_classes=len(splits.classes)).to(memory_format=torch.channels_last)
+    output_dir = Path(output_dir)
+    trajectory: dict[str, list[torch.Tensor]] = {}
+
+    def record_weights(metrics: dict[str, float]) -> None:
+        for name, module in net.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                trajectory.setdefault(name, []).append(module.weight.detach().half().contiguous())
+        if on_epoch_end is not None:
+            on_epoch_end(metrics)
+
     _fit(
         net,
         splits,
         loss_fn=cross_entropy_loss,
         lr=finetune.lr,
+        epochs=finetune.epochs,
         finetune=finetune,
+        weight_decay=finetune.weight_decay,
         flip=True,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=record_weights,
     )
-    output_dir = Path(output_dir)
     metrics = _finish(net, splits, data=data, arch=model.arch, output_dir=output_dir, extra={})
     save_file({"logits": predict_logits(net, splits.train).contiguous()}, output_dir / TEACHER_LOGITS_FILE)
+    save_file({name: torch.stack(w) for name, w in trajectory.items()}, output_dir / TRAJECTORY_FILE)
     return metrics
+
+
+def _weight_snapshots(student: nn.Module, teacher_dir: Path) -> list[nn.Module]:
+    """One copy of the student per teacher epoch, holding that epoch's conv/linear weights."""
+    trajectory = load_file(teacher_dir / TRAJECTORY_FILE)
+    epochs = next(iter(trajectory.values())).shape[0]
+    snapshots = []
+    for epoch in range(epochs):
+        snapshot = copy.deepcopy(student)
+        for name, module in snapshot.named_modules():
+            if name in trajectory:
+                module.weight.data.copy_(trajectory[name][epoch].float())
+        snapshots.append(snapshot)
+    return snapshots
+
+
+def _sparsify_bn(model: nn.Module, splits: Splits, *, weight: float, lr: float, finetune: FinetuneConfig) -> None:
+    """Network slimming's sparsity phase: one epoch of CE + `weight` * sum |BN scale|."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        ce = torch.nn.functional.cross_entropy(logits, labels)
+        l1 = sum(m.weight.abs().sum() for m in norms)
+        return {"ce": ce, "bn_l1": l1, "total": ce + weight * l1}
+
+    _fit(model, splits, loss_fn=loss_fn, lr=lr, epochs=1, finetune=finetune, weight_decay=0.0, flip=False, first_epoch=0, on_epoch_end=None)
+
+
+def _class_weights(train: Split, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(train.labels, minlength=num_classes).float().clamp(min=1)
+    return counts.sum() / (num_classes * counts)
 
 
 def run_trial(
     params: TrialParams,
     *,
     data: DataConfig,
+    model: ModelConfig,
     finetune: FinetuneConfig,
     teacher_dir: str | Path,
     output_dir: str | Path,
     on_epoch_end: EpochCallback | None = None,
 ) -> dict[str, float]:
-    """Prune the teacher to `params.keep_ratios`, fine-tune it with KD, evaluate and export it.
+    """Prune the teacher as `params` say, fine-tune it with the chosen losses, evaluate and export it.
 
     Fine-tuning uses no augmentation so that the teacher's stored train logits match each image.
-    Each epoch reports the loss parts, `val_accuracy` and the (fixed) `macs` to `on_epoch_end`.
-    Returns `proxy_accuracy` (after pruning + BN recalibration, before fine-tuning),
-    `val_accuracy`, `test_accuracy`, `macs`, `params` and `macs_ratio` (vs the teacher).
+    Each epoch reports the loss parts and `val_accuracy` to `on_epoch_end`. Returns
+    `proxy_accuracy` (after the first cut + BN recalibration, before fine-tuning), `val_accuracy`,
+    `test_accuracy`, `macs` (expected over val images for gated models), `params`, `macs_ratio`
+    (vs the teacher) and `rounds` (pruning rounds kept).
     """
+    if params.densities and params.schedule != "one_shot":
+        raise ValueError("dynamic gating needs the one_shot schedule")
     torch.manual_seed(finetune.seed)
     teacher_dir = Path(teacher_dir)
     splits = load_data(data)
     student, spec = load_model(teacher_dir)
+    student = student.to(memory_format=torch.channels_last)
     teacher_logits = load_file(teacher_dir / TEACHER_LOGITS_FILE)["logits"]
     if len(teacher_logits) != len(splits.train):
         raise ValueError(f"{teacher_dir} holds logits for {len(teacher_logits)} train images, the data has {len(splits.train)}")
-
-    prune_to_ratios(student, params.keep_ratios, image_size=data.image_size, importance=params.importance)
-    student = student.to(memory_format=torch.channels_last)
-    recalibrate_bn(
-        student,
-        splits.train,
-        num_batches=finetune.bn_recalibration_batches,
-        batch_size=finetune.batch_size,
-        seed=finetune.seed,
+    groups = prunable_groups(student, image_size=data.image_size)
+    needs_source = bool((SOURCE_TERMS | {"l2sp"}) & params.losses.keys())
+    layers = stage_outputs(student) if FEATURE_TERMS & params.losses.keys() else []
+    source = SourceNet(model, layers=layers) if SOURCE_TERMS & params.losses.keys() else None
+    delta = (
+        delta_weights(student, layers, splits.train, directory=teacher_dir, batch_size=finetune.batch_size)
+        if "delta" in params.losses
+        else None
     )
-    proxy_accuracy = evaluate(student, splits.val)
-    macs = float(count_macs(student, image_size=data.image_size).macs)
+    # Pruned in step with the student: the pretrained weights (L2-SP anchors) with BN means as channel indices.
+    follower = index_tracer(build_model(model, num_classes=len(splits.classes))) if needs_source else None
 
-    def report_epoch(metrics: dict[str, float]) -> None:
-        if on_epoch_end is not None:
-            on_epoch_end({**metrics, "macs": macs})
+    if params.bn_sparsity > 0:
+        _sparsify_bn(student, splits, weight=params.bn_sparsity, lr=params.lr, finetune=finetune)
+    followers = [follower] if follower is not None else []
+    snapshots = _weight_snapshots(student, teacher_dir) if params.criterion == "trajectory" else []
+    followers += snapshots  # pruned in step, so the trajectories stay aligned with the channels left
 
-    distill = KDLoss(alpha=params.kd_alpha, temperature=params.kd_temperature)
-    _fit(
-        student,
-        splits,
-        loss_fn=lambda logits, labels, index: distill(logits, teacher_logits[index], labels),
-        lr=params.lr,
-        finetune=finetune,
-        flip=False,
-        on_epoch_end=report_epoch,
+    def score(net: nn.Module, current_followers: list[nn.Module]) -> dict[nn.Module, torch.Tensor]:
+        trajectory = None
+        if snapshots:
+            epochs_seen = [dict(f.named_modules()) for f in current_followers[-len(snapshots) :]]
+            trajectory = {
+                name: torch.stack([modules[name].weight.detach() for modules in epochs_seen])
+                for name, m in net.named_modules()
+                if isinstance(m, (nn.Conv2d, nn.Linear))
+            }
+        scoring = ScoringData(
+            train=splits.train,
+            batch_size=finetune.batch_size,
+            num_batches=finetune.bn_recalibration_batches,
+            seed=finetune.seed,
+            trajectory=trajectory,
+        )
+        return module_scores(net, params.criterion, data=scoring)
+
+    dense_scores = group_scores_by_name(student, score(student, followers), image_size=data.image_size)
+    target = keep_counts(params.parametrisation, groups=groups, knobs=params.budget, scores=dense_scores)
+    target.update({g.name: g.channels for g in groups if g.channels <= params.min_channels})
+    epochs_done = 0
+
+    def fit(net: nn.Module, current_followers: list[nn.Module], epochs: int) -> float:
+        nonlocal epochs_done
+        before_epoch = _gate(net, params, epochs=epochs, image_size=data.image_size) if params.densities else None
+        objective = make_objective(
+            params.losses,
+            student=net,
+            follower=current_followers[0] if follower is not None else None,
+            teacher_logits=teacher_logits,
+            source=source,
+            delta=delta,
+            weight_decay=finetune.weight_decay,
+            class_weights=_class_weights(splits.train, len(splits.classes)) if params.class_weighted else None,
+        )
+        try:
+            val = _fit(
+                net,
+                splits,
+                loss_fn=objective.loss_fn,
+                lr=params.lr,
+                epochs=epochs,
+                finetune=finetune,
+                weight_decay=objective.weight_decay,
+                extra_params=objective.parameters,
+                flip=False,
+                first_epoch=epochs_done + 1,
+                before_epoch=before_epoch,
+                on_epoch_end=on_epoch_end,
+            )
+        finally:
+            objective.close()
+        epochs_done += epochs
+        return val
+
+    def val_loss_and_accuracy(net: nn.Module) -> tuple[float, float]:
+        logits = predict_logits(net, splits.val)
+        return torch.nn.functional.cross_entropy(logits, splits.val.labels).item(), (logits.argmax(1) == splits.val.labels).float().mean().item()
+
+    session = PruningSession(
+        student=student,
+        followers=followers,
+        groups=groups,
+        target=target,
+        image_size=data.image_size,
+        score=score,
+        recalibrate=lambda net: recalibrate_bn(
+            net, splits.train, num_batches=finetune.bn_recalibration_batches, batch_size=finetune.batch_size, seed=finetune.seed
+        ),
+        val_loss_and_accuracy=val_loss_and_accuracy,
+        fit=fit,
     )
-    teacher_macs = spec["metrics"]["macs"]
-    metrics = _finish(
-        student, splits, data=data, arch=spec["arch"], output_dir=Path(output_dir), extra={"proxy_accuracy": proxy_accuracy}
-    )
-    metrics["macs_ratio"] = metrics["macs"] / teacher_macs
+    SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs, rounds=params.rounds, max_drop=params.max_drop)
+    extra = {"proxy_accuracy": session.proxy_accuracy, "rounds": float(len([r for r in session.rounds if not r.get("reverted")]))}
+    macs_inputs = next(batches(splits.val, batch_size=256))[0] if params.densities else None
+    metrics = _finish(session.student, splits, data=data, arch=spec["arch"], output_dir=Path(output_dir), extra=extra, macs_inputs=macs_inputs)
+    metrics["macs_ratio"] = metrics["macs"] / spec["metrics"]["macs"]
     return metrics
+
+
+def _gate(net: nn.Module, params: TrialParams, *, epochs: int, image_size: int) -> Callable[[int], None]:
+    """Insert dynamic channel gates (per-stage densities); returns the per-epoch density step."""
+    from pipelines.gating import add_gates, default_gate_layers, density_schedule, set_density
+    from pipelines.prune import layer_stages
+
+    layers = default_gate_layers(net)
+    stages = layer_stages(net, layers)
+    targets = {name: params.densities.get(stages[name], 1.0) for name in layers}
+    add_gates(net, {name: 1.0 for name in layers}, layers=layers)
+    steps = {name: density_schedule(d, epochs) for name, d in targets.items()}
+    return lambda epoch: set_density(net, {name: s[epoch] for name, s in steps.items()})

@@ -1,0 +1,104 @@
+"""Assemble a trial's training objective: the chosen distillation/regularisation terms, wired to
+the student, the pruned pretrained anchors, the frozen source network and the stored teacher logits.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipelines.data import Split, batches
+from pipelines.distill import DistillBatch, attach_extra_head, build_objective, delta_channel_weights
+from pipelines.models import head_name
+from pipelines.sources import FeatureTap, SourceNet, kept_channels
+
+__all__ = ["TrialObjective", "make_objective", "SOURCE_TERMS", "FEATURE_TERMS", "delta_weights"]
+
+SOURCE_TERMS = {"source_kd", "delta", "afd"}  # terms that run the frozen source network
+FEATURE_TERMS = {"delta", "afd"}
+DELTA_FILE = "delta_weights.safetensors"
+
+
+def delta_weights(teacher: nn.Module, layers: list[str], train: Split, *, directory: Path, batch_size: int) -> dict[str, torch.Tensor]:
+    """DELTA's channel weights on the dense teacher, computed once per teacher and cached beside it."""
+    path = directory / DELTA_FILE
+    if path.exists():
+        return load_file(path)
+    probe = [(x, y) for x, y, _ in batches(train, batch_size=batch_size, shuffle=True, seed=0)][:1]
+    weights = {k: v.contiguous() for k, v in delta_channel_weights(teacher, layers, probe).items()}
+    temporary = path.with_suffix(f".{torch.randint(1 << 30, ()).item()}.tmp")
+    save_file(weights, temporary)
+    temporary.replace(path)  # atomic: concurrent trials may race to write the same weights
+    return weights
+
+
+@dataclass
+class TrialObjective:
+    """A loss function for `train_one_epoch` plus the extra trainable parameters it owns."""
+
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+    parameters: list[nn.Parameter]
+    weight_decay: float
+    close: Callable[[], None]
+
+
+def make_objective(
+    losses: dict[str, dict[str, float]],
+    *,
+    student: nn.Module,
+    follower: nn.Module | None,
+    teacher_logits: torch.Tensor,
+    source: SourceNet | None,
+    delta: dict[str, torch.Tensor] | None,
+    weight_decay: float,
+    class_weights: torch.Tensor | None,
+) -> TrialObjective:
+    context: dict = {}
+    extras: list[nn.Parameter] = []
+    cleanups: list[Callable[[], None]] = []
+    head = head_name(student)
+    if "l2sp" in losses:
+        anchors = dict(follower.named_parameters())
+        context["pairs"] = [(p, anchors[n].detach().clone()) for n, p in student.named_parameters() if not n.startswith(head + ".")]
+        context["head_params"] = list(student.get_submodule(head).parameters())
+        weight_decay = 0.0  # L2-SP replaces weight decay
+    extra_logits = None
+    if "source_kd" in losses:
+        extra_head, extra_logits = attach_extra_head(student, head)
+        extras += list(extra_head.parameters())
+        cleanups.append(extra_head.remove)
+    kept: dict[str, torch.Tensor] = {}
+    tap = None
+    if FEATURE_TERMS & losses.keys():
+        kept = {name: kept_channels(follower, name) for name in source.layers}
+        tap = FeatureTap(student, source.layers)
+        cleanups.append(tap.remove)
+        context["channels"] = {name: len(index) for name, index in kept.items()}
+        if "delta" in losses:
+            context["channel_weights"] = {name: delta[name][index] for name, index in kept.items()}
+    if source is not None and tap is None:
+        tap = FeatureTap(student, [])
+        cleanups.append(tap.remove)
+    objective = build_objective(losses, class_weights=class_weights, **context)
+    extras += list(objective.parameters())
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = DistillBatch(logits=logits, labels=labels, teacher_logits=teacher_logits[index])
+        if source is not None:
+            source_logits, source_features = source(tap.input)
+            batch.source_logits = source_logits
+            batch.source_features = {n: f[:, kept[n]] for n, f in source_features.items() if n in kept}
+            batch.student_features = {n: tap.outputs[n] for n in kept}
+        if extra_logits is not None:
+            batch.extra_logits = extra_logits()
+        return objective(batch)
+
+    def close() -> None:
+        for cleanup in cleanups:
+            cleanup()
+
+    return TrialObjective(loss_fn=loss_fn, parameters=extras, weight_decay=weight_decay, close=close)
