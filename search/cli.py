@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   slimtune search my_space.yaml --address auto           # on a running Ray cluster
   slimtune pareto quickstart                             # the accuracy-vs-MACs front of the latest search
   slimtune fetch quickstart --max-macs 12M -o model/     # the best front model under 12M MACs
+  slimtune methods                                       # every criterion, parametrisation, schedule, loss
 """
 
 
@@ -67,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--max-macs", required=True, metavar="N", help="MACs budget per image, e.g. 12M, 800K, 1.5G")
     fetch.add_argument("-o", "--to", default="slimtune-model", metavar="DIR", help="where to write the model (default: ./slimtune-model)")
     _add_store_args(fetch)
+
+    commands.add_parser(
+        "methods",
+        help="list every criterion, budget parametrisation, schedule, loss and gating option",
+        description="Every option a space file can choose by name, with a one-line description and its knobs.",
+        epilog="example:\n  slimtune methods",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
     prepare = commands.add_parser(
         "prepare-data",
@@ -168,6 +177,28 @@ def _fetch(args: argparse.Namespace) -> None:
     )
 
 
+def _methods(args: argparse.Namespace) -> None:
+    from pipelines.budgets import BUDGETS
+    from pipelines.distill import LOSSES
+    from pipelines.gating import DESCRIPTION as GATING
+    from pipelines.importance import CRITERIA
+    from pipelines.schedules import SCHEDULES
+
+    sections = [
+        ("importance criteria (search.importance)", CRITERIA.describe()),
+        ("budget parametrisations (search.budgets.granularity)", BUDGETS.describe()),
+        ("schedules (search.schedule)", SCHEDULES.describe()),
+        ("distillation and regularisation losses (search.teacher, search.feature_loss, search.l2sp_alpha)", LOSSES.describe()),
+        ("dynamic gating (search.gating_density)", {"gating": GATING}),
+    ]
+    for title, entries in sections:
+        print(f"{title}:")
+        width = max(len(name) for name in entries)
+        for name, text in entries.items():
+            print(f"  {name:<{width}}  {text}")
+        print()
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from pipelines.data import prepare_animal_mnist
 
@@ -177,7 +208,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"search": _search, "pareto": _pareto, "fetch": _fetch, "prepare-data": _prepare}
+    handlers = {"search": _search, "pareto": _pareto, "fetch": _fetch, "methods": _methods, "prepare-data": _prepare}
     try:
         return handlers[args.command](args) or 0
     except UsageError as error:

@@ -39,6 +39,9 @@ def _configure_ray_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Per-epoch reports carry no `macs` (widths change between pruning rounds); only the final
+    # report holds both objectives, which is the one Optuna is told.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
 def _ensure_teacher(experiment: Experiment, layout: Layout, tracker: Tracker, parent_id: str, log: Log) -> Path:
@@ -84,43 +87,92 @@ def _ensure_teacher(experiment: Experiment, layout: Layout, tracker: Tracker, pa
     return directory
 
 
+def _budget_names(experiment: Experiment, groups: tuple[Any, ...]) -> list[str]:
+    """The keep-ratio knobs: groups and/or stages (groups too small to prune have none)."""
+    budgets = experiment.search.budgets
+    names: list[str] = []
+    if "group" in budgets.granularity:
+        names += [g.name for g in groups if g.channels > budgets.min_channels]
+    if "stage" in budgets.granularity:
+        names += sorted({g.stage for g in groups if g.channels > budgets.min_channels})
+    return names
+
+
 def _param_space(experiment: Experiment, groups: tuple[Any, ...]) -> dict[str, Any]:
+    """Only the knobs the space's choices can use; single choices stay out (the trial reads them)."""
     from ray import tune
 
     def domain(r: Any) -> Any:
-        return (tune.loguniform if r.log else tune.uniform)(r.low, r.high)
+        return (tune.loguniform if r.log and r.low < r.high else tune.uniform)(r.low, r.high)
 
-    budgets = experiment.search.budgets
-    names = [g.name for g in groups] if budgets.granularity == "group" else sorted({g.stage for g in groups})
+    s = experiment.search
+    budgets = s.budgets
+    names = _budget_names(experiment, groups)
     unknown = set(budgets.overrides) - set(names)
     if unknown:
         raise SpaceError(
-            f"search.budgets.overrides.{sorted(unknown)[0]}: no {budgets.granularity} of that name;"
+            f"search.budgets.overrides.{sorted(unknown)[0]}: no prunable group or stage of that name;"
             f" valid: {', '.join(names)}"
         )
+    space: dict[str, Any] = {"lr": domain(s.lr)}
+    if names:
+        space["keep"] = {name: domain(budgets.overrides.get(name, budgets.keep_ratio)) for name in names}
+    if "theta" in budgets.granularity:
+        space["theta"] = domain(budgets.theta)
+    if "global_percentile" in budgets.granularity:
+        space["percentile"] = domain(budgets.percentile)
+    for name, choices in (
+        ("parametrisation", budgets.granularity),
+        ("criterion", s.importance),
+        ("schedule", s.schedule),
+        ("teacher", s.teacher),
+    ):
+        if len(choices) > 1:
+            space[name] = tune.choice(list(choices))
+    if "target" in s.teacher:
+        space["kd_alpha"] = domain(s.kd_alpha)
+    if {"target", "source_classifier"} & set(s.teacher):
+        space["kd_temperature"] = domain(s.kd_temperature)
+    if "source_classifier" in s.teacher:
+        space["source_kd_weight"] = domain(s.source_kd_weight)
+    if "source_features" in s.teacher:
+        space["feature_weight"] = domain(s.feature_weight)
+    if s.l2sp_alpha.high > 0:
+        space["l2sp_alpha"] = domain(s.l2sp_alpha)
+    if s.bn_sparsity.high > 0:
+        space["bn_sparsity"] = domain(s.bn_sparsity)
+    if s.gating_density is not None:
+        space["density"] = {stage: domain(s.gating_density) for stage in sorted({g.stage for g in groups}) if stage != "classifier"}
+    return space
+
+
+def _midpoint(domain: Any) -> float:
+    """Middle of a Ray Tune float domain (geometric for log-uniform)."""
+    if type(domain.get_sampler()).__name__ == "_LogUniform":
+        return math.sqrt(domain.lower * domain.upper)
+    return (domain.lower + domain.upper) / 2
+
+
+def _anchor_points(experiment: Experiment, space: dict[str, Any]) -> list[dict[str, Any]]:
+    """Uniform-ratio trials (clipped into each knob's range), every other knob at its first choice
+    or range midpoint: the plain uniform-pruning baseline, in Optuna's flattened names."""
     s = experiment.search
-    return {
-        "keep": {name: domain(budgets.overrides.get(name, budgets.keep_ratio)) for name in names},
-        "lr": domain(s.lr),
-        "kd_alpha": domain(s.kd_alpha),
-        "kd_temperature": domain(s.kd_temperature),
-    }
-
-
-def _midpoint(r: Any) -> float:
-    return math.sqrt(r.low * r.high) if r.log else (r.low + r.high) / 2
-
-
-def _anchor_points(experiment: Experiment, space: dict[str, Any]) -> list[dict[str, float]]:
-    """Uniform-ratio trials (clipped into each group's range), other knobs at their range midpoints."""
-    s = experiment.search
+    if "keep" not in space:
+        return []
     points = []
     for ratio in s.uniform_anchors[: s.num_trials]:
-        keep = {}
-        for name in space["keep"]:
-            bounds = s.budgets.overrides.get(name, s.budgets.keep_ratio)
-            keep[f"keep/{name}"] = min(max(ratio, bounds.low), bounds.high)
-        points.append({**keep, "lr": _midpoint(s.lr), "kd_alpha": _midpoint(s.kd_alpha), "kd_temperature": _midpoint(s.kd_temperature)})
+        point: dict[str, Any] = {}
+        for name, domain in space.items():
+            if name == "keep":
+                for group, d in domain.items():
+                    point[f"keep/{group}"] = min(max(ratio, d.lower), d.upper)
+            elif isinstance(domain, dict):
+                point.update({f"{name}/{k}": _midpoint(d) for k, d in domain.items()})
+            elif hasattr(domain, "categories"):
+                point[name] = "group" if name == "parametrisation" and "group" in domain.categories else domain.categories[0]
+            else:
+                point[name] = _midpoint(domain)
+        points.append(point)
     return points
 
 

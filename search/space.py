@@ -34,11 +34,21 @@ class Range:
     log: bool = False  # sample uniformly in log space (learning rates)
 
 
+Parametrisation = Literal["group", "stage", "theta", "global_percentile"]
+Schedule = Literal["one_shot", "iterative", "priority"]
+TeacherChoice = Literal["none", "target", "source_classifier", "source_features"]
+
+
 @dataclass(frozen=True)
 class BudgetSpace:
-    granularity: Literal["group", "stage"] = "group"  # a ratio per dependency group, or per stage (fewer knobs)
+    # group: a ratio per dependency group; stage: per stage (fewer knobs); theta: Zhong's single
+    # cumulative-share knob; global_percentile: one global cut (network slimming). A list is searched.
+    granularity: list[Parametrisation] = field(default_factory=lambda: ["group"])
     keep_ratio: Range = Range(0.1, 1.0)  # AMC's finding: per-layer ratios in a wide range beat uniform ones
     overrides: dict[str, Range] = field(default_factory=dict)  # group or stage name -> its own range
+    min_channels: int = 0  # groups with at most this many channels are never pruned (TASCNet: 128)
+    theta: Range = Range(0.05, 0.6)  # share of each layer's summed scores whose channels are cut
+    percentile: Range = Range(0.2, 0.9)  # fraction of all channels cut by the global threshold
 
 
 @dataclass(frozen=True)
@@ -49,14 +59,26 @@ class SearchConfig:
     seed: int = 0  # seeds the sampler: the same space proposes the same trials
     cpus_per_trial: float = 1  # also the trial's torch threads; more threads than cores slows CPU training 10x
     gpus_per_trial: float = 0  # fractional values share a GPU between trials
-    importance: str = "l1"
+    importance: list[str] = field(default_factory=lambda: ["l1"])  # criteria; a list is searched
     # Uniform keep ratios tried first (at most num_trials of them): the plain uniform-pruning
     # baseline on every front, and seeds for the high-MACs end that per-group samples rarely reach.
     uniform_anchors: list[float] = field(default_factory=lambda: [0.8, 0.5])
     budgets: BudgetSpace = BudgetSpace()
+    schedule: list[Schedule] = field(default_factory=lambda: ["one_shot"])
+    rounds: int = 3  # iterative / priority: prune -> fine-tune rounds sharing the trial's epochs
+    max_drop: float = 0.02  # iterative / priority: stop when val accuracy falls this far below the best round
+    bn_sparsity: Range = Range(0.0, 0.0)  # network slimming's L1 on BN scales for one epoch before the cut; 0 = off
     lr: Range = Range(3e-4, 3e-3, log=True)  # AdamW fine-tune of the pruned student
-    kd_alpha: Range = Range(0.0, 1.0)  # 0 = no distillation
-    kd_temperature: Range = Range(1.0, 8.0)
+    teacher: list[TeacherChoice] = field(default_factory=lambda: ["target"])  # who the student learns from
+    kd_alpha: Range = Range(0.0, 1.0)  # teacher=target: Hinton KD weight
+    kd_temperature: Range = Range(1.0, 8.0)  # teacher=target or source_classifier
+    source_kd_weight: Range = Range(0.1, 1.0)  # teacher=source_classifier: Liu et al.'s source-KD weight
+    feature_loss: Literal["afd", "delta"] = "afd"  # teacher=source_features: AFDS's AFD or DELTA
+    feature_weight: Range = Range(1e-3, 1e-1, log=True)  # its weight (AFDS uses ~0.01)
+    l2sp_alpha: Range = Range(0.0, 0.0)  # L2-SP towards the pretrained weights (replaces weight decay); 0 = off
+    l2sp_beta: float = 0.01  # L2-SP's plain L2 on the classifier head
+    gating_density: Range | None = None  # AFS dynamic gating: per-stage density range; null = no gating
+    class_weighted: bool = False  # TASCNet: class-weighted cross-entropy
 
 
 @dataclass(frozen=True)
@@ -100,6 +122,8 @@ def _type_name(hint: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
     if hint is Range:
         return "a number or [low, high]"
+    if origin is list:
+        return f"{_type_name(typing.get_args(hint)[0])} (or a list of them)"
     if dataclasses.is_dataclass(hint):
         return "a mapping"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
@@ -128,7 +152,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise bad() from None
     if origin is list:
         if not isinstance(value, list):
-            raise SpaceError(f"{where}: expected a list, got {value!r}")
+            value = [value]  # a single choice is a one-element list
         (item_hint,) = typing.get_args(hint)
         return [_coerce(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
@@ -222,7 +246,7 @@ def _check_positive(value: float, where: str) -> None:
 def validate(experiment: Experiment) -> Experiment:
     """Checks beyond types: value ranges, the data folder, the model and weights names."""
     from pipelines.models import available_archs, available_weights
-    from pipelines.prune import IMPORTANCE
+    from pipelines.importance import CRITERIA
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", experiment.name):
         raise SpaceError(f"name: {experiment.name!r} must be letters, digits, '_', '.', '-' (it names a folder)")
@@ -271,8 +295,28 @@ def validate(experiment: Experiment) -> Experiment:
     _check_positive(search.cpus_per_trial, "search.cpus_per_trial")
     if search.gpus_per_trial < 0:
         raise SpaceError(f"search.gpus_per_trial: must be >= 0, got {search.gpus_per_trial:g}")
-    if search.importance not in IMPORTANCE:
-        raise SpaceError(f"search.importance: unknown criterion {search.importance!r}; valid: {', '.join(IMPORTANCE.names())}")
+    for name in search.importance:
+        if name not in CRITERIA:
+            raise SpaceError(f"search.importance: unknown criterion {name!r}; valid: {', '.join(CRITERIA.names())}")
+    for name in ("importance", "schedule", "teacher"):
+        if not getattr(search, name):
+            raise SpaceError(f"search.{name}: give at least one choice")
+    if not search.budgets.granularity:
+        raise SpaceError("search.budgets.granularity: give at least one choice")
+    if search.gating_density is not None:
+        _check_range(search.gating_density, "search.gating_density", low=0, high=1, open_low=True)
+        if search.schedule != ["one_shot"]:
+            raise SpaceError("search.schedule: dynamic gating (search.gating_density) needs schedule one_shot")
+        if search.l2sp_alpha.high > 0:
+            raise SpaceError("search.l2sp_alpha: L2-SP cannot be combined with dynamic gating (search.gating_density); set it to 0")
+    if search.rounds < 1:
+        raise SpaceError(f"search.rounds: must be at least 1, got {search.rounds}")
+    if not 0 <= search.max_drop <= 1:
+        raise SpaceError(f"search.max_drop: must be in [0, 1], got {search.max_drop:g}")
+    _check_range(search.budgets.theta, "search.budgets.theta", low=0, high=1)
+    _check_range(search.budgets.percentile, "search.budgets.percentile", low=0, high=1)
+    for name in ("bn_sparsity", "l2sp_alpha", "source_kd_weight", "feature_weight"):
+        _check_range(getattr(search, name), f"search.{name}", low=0, high=100)
     _check_range(search.budgets.keep_ratio, "search.budgets.keep_ratio", low=0, high=1, open_low=True)
     for key, value in search.budgets.overrides.items():
         _check_range(value, f"search.budgets.overrides.{key}", low=0, high=1, open_low=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import TrialParams
-from pipelines.prune import Group, stage_ratios_to_groups
+from pipelines.prune import Group
 from search.space import Experiment
 
 __all__ = ["TrialContext", "trial_params", "run_tune_trial"]
@@ -30,28 +30,70 @@ class TrialContext:
     groups: tuple[Group, ...]
 
 
+def _losses(config: dict[str, Any], experiment: Experiment, teacher: str) -> dict[str, dict[str, float]]:
+    """The distillation terms implied by the teacher choice, plus L2-SP when its weight is > 0."""
+    s = experiment.search
+    losses: dict[str, dict[str, float]] = {}
+    if teacher == "target":
+        losses["kd"] = {"alpha": float(config["kd_alpha"]), "temperature": float(config["kd_temperature"])}
+    elif teacher == "source_classifier":
+        losses["source_kd"] = {"weight": float(config["source_kd_weight"]), "temperature": float(config["kd_temperature"])}
+    elif teacher == "source_features":
+        losses[s.feature_loss] = {"weight": float(config["feature_weight"])}
+    l2sp_alpha = float(config.get("l2sp_alpha", 0.0))
+    if l2sp_alpha > 0:
+        losses["l2sp"] = {"alpha": l2sp_alpha, "beta": s.l2sp_beta}
+    return losses
+
+
 def trial_params(config: dict[str, Any], *, experiment: Experiment, groups: tuple[Group, ...]) -> TrialParams:
-    """Turn a sampled Tune config into pipeline parameters (per-stage ratios expand to their groups)."""
-    keep = {name: float(value) for name, value in config["keep"].items()}
-    if experiment.search.budgets.granularity == "stage":
-        keep = stage_ratios_to_groups(list(groups), keep)
+    """Turn a sampled Tune config into pipeline parameters; single choices come from the space."""
+    s = experiment.search
+
+    def choice(name: str, choices: list[str]) -> str:
+        return str(config.get(name, choices[0]))
+
+    parametrisation = choice("parametrisation", s.budgets.granularity)
+    if parametrisation in ("group", "stage"):
+        budget = {name: float(value) for name, value in config.get("keep", {}).items()}
+        # Groups (or stages) without a knob are too small to prune: they keep every channel.
+        names = [g.name for g in groups] if parametrisation == "group" else sorted({g.stage for g in groups})
+        budget = {name: budget.get(name, 1.0) for name in names}
+    elif parametrisation == "theta":
+        budget = {"theta": float(config["theta"])}
+    else:
+        budget = {"percentile": float(config["percentile"])}
     return TrialParams(
-        keep_ratios=keep,
+        budget=budget,
+        parametrisation=parametrisation,
+        criterion=choice("criterion", s.importance),
+        schedule=choice("schedule", s.schedule),
+        rounds=s.rounds,
+        max_drop=s.max_drop,
+        bn_sparsity=float(config.get("bn_sparsity", 0.0)),
         lr=float(config["lr"]),
-        kd_alpha=float(config["kd_alpha"]),
-        kd_temperature=float(config["kd_temperature"]),
-        importance=experiment.search.importance,
+        losses=_losses(config, experiment, choice("teacher", s.teacher)),
+        densities={stage: float(d) for stage, d in config.get("density", {}).items()},
+        class_weighted=s.class_weighted,
+        min_channels=s.budgets.min_channels,
     )
 
 
 def _mlflow_params(params: TrialParams) -> dict[str, Any]:
-    return {
-        **{f"keep.{name}": round(ratio, 4) for name, ratio in params.keep_ratios.items()},
+    flat = {
+        **{f"keep.{name}": round(v, 4) for name, v in params.budget.items() if name not in ("theta", "percentile")},
+        **{name: v for name, v in params.budget.items() if name in ("theta", "percentile")},
+        **{f"density.{stage}": round(d, 4) for stage, d in params.densities.items()},
+        "parametrisation": params.parametrisation,
+        "criterion": params.criterion,
+        "schedule": params.schedule,
+        "teacher": ",".join(params.losses) or "none",
         "lr": params.lr,
-        "kd_alpha": params.kd_alpha,
-        "kd_temperature": params.kd_temperature,
-        "importance": params.importance,
+        "bn_sparsity": params.bn_sparsity,
     }
+    for term, knobs in params.losses.items():
+        flat.update({f"{term}.{knob}": value for knob, value in knobs.items()})
+    return flat
 
 
 def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
@@ -81,6 +123,7 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
         final = run_trial(
             params,
             data=experiment.data,
+            model=experiment.model,
             finetune=experiment.trial,
             teacher_dir=context.teacher_dir,
             output_dir=output_dir,

@@ -63,8 +63,8 @@ def test_parent_teacher_and_trial_runs_are_logged(searched: dict) -> None:
     for run in trials:
         assert run.status == "FINISHED"
         keep = {k for k in run.params if k.startswith("keep.")}
-        assert len(keep) == 25  # per-stage sampling is expanded to every group of mobilenet_v2
-        assert {"lr", "kd_alpha", "kd_temperature"} <= run.params.keys()
+        assert keep == {f"keep.stride_{s}" for s in (2, 4, 8, 16, 32)}  # one knob per stage of mobilenet_v2
+        assert {"lr", "kd.alpha", "kd.temperature", "criterion", "schedule"} <= run.params.keys()
         for metric in ("val_accuracy", "test_accuracy", "proxy_accuracy", "macs", "params", "loss_ce", "loss_kd", "loss_total"):
             assert metric in run.metrics, metric
         assert 0 < run.metrics["macs"] <= teacher.metrics["macs"]
