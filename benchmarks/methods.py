@@ -28,15 +28,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipelines.budgets import keep_counts
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
-from pipelines.data import prepare_animal_mnist
+from pipelines.data import batches, load_data, prepare_animal_mnist
 from pipelines.export import load_model
 from pipelines.gating import add_gates, default_gate_layers, gate_stages
 from pipelines.importance import ScoringData, module_scores
 from pipelines.macs import count_macs
 from pipelines.prune import group_scores_by_name, prunable_groups, prune_to_counts
-from pipelines.budgets import keep_counts
-from pipelines.data import batches, load_data
 from pipelines.trial import run_trial, train_teacher
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -198,6 +197,7 @@ def main() -> None:
                     continue
                 print(f"  {name} @ {budget}x: knob {found[0]:.3f} -> {found[1]:.3f}x MACs", flush=True)
                 jobs += [(name, task, budget, seed, found[0], data, teacher_dir, args.epochs, work / "trials") for seed in args.seeds]
+    jobs.sort(key=lambda job: args.seeds.index(job[3]))  # seed-major: a cut-short run still covers every cell
     results: dict[tuple, list[float]] = {}
     ratios: dict[tuple, list[float]] = {}
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -205,6 +205,7 @@ def main() -> None:
             results.setdefault((name, task, budget), []).append(m["test_accuracy"])
             ratios.setdefault((name, task, budget), []).append(m["macs_ratio"])
             print(f"[{done}/{len(jobs)}] {task} {budget}x seed {seed} {name}: test {m['test_accuracy']:.3f} at {m['macs_ratio']:.3f}x", flush=True)
+            Path(args.out).write_text(_table(args, results, ratios, teachers, skipped))  # progress survives an interruption
     table = _table(args, results, ratios, teachers, skipped)
     Path(args.out).write_text(table)
     print(table)
@@ -213,8 +214,9 @@ def main() -> None:
 
 def _table(args, results, ratios, teachers, skipped) -> str:
     columns = [(t, b) for t in args.tasks for b in args.budgets]
+    seeds_done = max((len(v) for v in results.values()), default=0)
     lines = [
-        f"Test accuracy (top-1, mean +- std over seeds {args.seeds}), MobileNetV2 at {IMAGE_SIZE} px, "
+        f"Test accuracy (top-1, mean +- std over up to {seeds_done} of seeds {args.seeds}), MobileNetV2 at {IMAGE_SIZE} px, "
         f"{args.epochs} fine-tune epochs for every method; achieved MACs / teacher MACs in brackets.",
         "",
         "| method | " + " | ".join(f"{t} {b}x" for t, b in columns) + " |",

@@ -252,7 +252,7 @@ def run_trial(
 
     def fit(net: nn.Module, current_followers: list[nn.Module], epochs: int) -> float:
         nonlocal epochs_done
-        before_epoch = _gate(net, params, epochs=epochs, image_size=data.image_size) if params.densities else None
+        before_epoch = _gate(net, params, epochs=epochs) if params.densities else None
         objective = make_objective(
             params.losses,
             student=net,
@@ -285,7 +285,8 @@ def run_trial(
 
     def val_loss_and_accuracy(net: nn.Module) -> tuple[float, float]:
         logits = predict_logits(net, splits.val)
-        return torch.nn.functional.cross_entropy(logits, splits.val.labels).item(), (logits.argmax(1) == splits.val.labels).float().mean().item()
+        loss = torch.nn.functional.cross_entropy(logits, splits.val.labels).item()
+        return loss, (logits.argmax(1) == splits.val.labels).float().mean().item()
 
     session = PruningSession(
         student=student,
@@ -302,13 +303,20 @@ def run_trial(
     )
     SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs, rounds=params.rounds, max_drop=params.max_drop)
     extra = {"proxy_accuracy": session.proxy_accuracy, "rounds": float(len([r for r in session.rounds if not r.get("reverted")]))}
-    macs_inputs = next(batches(splits.val, batch_size=256))[0] if params.densities else None
+    macs_inputs = None
+    if params.densities:
+        from pipelines.gating import channel_usage, freeze_static_channels
+
+        # AFS: channels (almost) never selected on the train data are pruned, (almost) always: static.
+        usage = channel_usage(session.student, batches(splits.train, batch_size=finetune.batch_size))
+        freeze_static_channels(session.student, usage)
+        macs_inputs = next(batches(splits.val, batch_size=256))[0]
     metrics = _finish(session.student, splits, data=data, arch=spec["arch"], output_dir=Path(output_dir), extra=extra, macs_inputs=macs_inputs)
     metrics["macs_ratio"] = metrics["macs"] / spec["metrics"]["macs"]
     return metrics
 
 
-def _gate(net: nn.Module, params: TrialParams, *, epochs: int, image_size: int) -> Callable[[int], None]:
+def _gate(net: nn.Module, params: TrialParams, *, epochs: int) -> Callable[[int], None]:
     """Insert dynamic channel gates (per-stage densities); returns the per-epoch density step."""
     from pipelines.gating import add_gates, default_gate_layers, density_schedule, set_density
     from pipelines.prune import layer_stages

@@ -145,3 +145,17 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path, args: list[str
     assert result.returncode == 2
     assert result.stderr.startswith("slimtune: error:") and result.stderr.count("\n") == 1
     assert message in result.stderr
+
+
+def test_methods_lists_every_registered_option(tmp_path: Path) -> None:
+    from pipelines.budgets import BUDGETS
+    from pipelines.distill import LOSSES
+    from pipelines.importance import CRITERIA
+    from pipelines.schedules import SCHEDULES
+
+    result = _slimtune("methods", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for registry in (CRITERIA, BUDGETS, SCHEDULES, LOSSES):
+        for name in registry.names():
+            assert f"  {name} " in result.stdout, name
+    assert "gating" in result.stdout
