@@ -197,7 +197,7 @@ def run_trial(
     Each epoch reports the loss parts and `val_accuracy` to `on_epoch_end`. Returns
     `proxy_accuracy` (after the first cut + BN recalibration, before fine-tuning), `val_accuracy`,
     `test_accuracy`, `macs` (expected over val images for gated models), `params`, `macs_ratio`
-    (vs the teacher) and `rounds` (pruning rounds kept).
+    (vs the teacher), `rounds` (pruning rounds kept) and `round<i>_val_accuracy` for every round.
     """
     if params.densities and params.schedule != "one_shot":
         raise ValueError("dynamic gating needs the one_shot schedule")
@@ -303,6 +303,7 @@ def run_trial(
     )
     SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs, rounds=params.rounds, max_drop=params.max_drop)
     extra = {"proxy_accuracy": session.proxy_accuracy, "rounds": float(len([r for r in session.rounds if not r.get("reverted")]))}
+    extra.update({f"round{r['round']}_val_accuracy": r["val_accuracy"] for r in session.rounds})  # every round, reverted too
     macs_inputs = None
     if params.densities:
         from pipelines.gating import channel_usage, freeze_static_channels
