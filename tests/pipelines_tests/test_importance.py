@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
@@ -12,18 +11,10 @@ from torch import nn
 from pipelines.data import Split, batches
 from pipelines.importance import CRITERIA, ScoringData, group_scores, module_scores
 
+from _models import fresh, pristine
+
 IMAGE_SIZE = 32
 NAMES = ["activation", "bn_gamma", "l1", "taylor", "trajectory"]
-
-
-@functools.lru_cache(maxsize=None)
-def _pristine(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.get_model(arch, weights=None, num_classes=10)
-
-
-def fresh(arch: str) -> nn.Module:
-    return copy.deepcopy(_pristine(arch))
 
 
 @functools.lru_cache(maxsize=None)

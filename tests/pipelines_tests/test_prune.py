@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import copy
 import functools
 
 import pytest
@@ -11,24 +10,15 @@ from torch import nn
 from pipelines.models import head_name
 from pipelines.prune import Group, kept_channels, prunable_groups, prune_to_ratios
 
+from _models import fresh, pristine
+
 IMAGE_SIZE = 32
 ARCHS = ["mobilenet_v2", "resnet18", "vgg11_bn"]
 
 
 @functools.lru_cache(maxsize=None)
-def _pristine(arch: str) -> nn.Module:
-    torch.manual_seed(0)
-    return torchvision.models.get_model(arch, weights=None, num_classes=10)
-
-
-def fresh(arch: str) -> nn.Module:
-    """A private copy of a seeded random-init model (building vgg11_bn costs ~2 s, copying it less)."""
-    return copy.deepcopy(_pristine(arch))
-
-
-@functools.lru_cache(maxsize=None)
 def groups_of(arch: str, image_size: int = IMAGE_SIZE) -> tuple[Group, ...]:
-    return tuple(prunable_groups(_pristine(arch), image_size=image_size))
+    return tuple(prunable_groups(pristine(arch), image_size=image_size))
 
 
 def out_width(module: nn.Module) -> int:
@@ -48,7 +38,7 @@ def test_group_count(arch: str, expected: int) -> None:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_group_names_unique_ordered_and_exclude_head(arch: str) -> None:
-    model = _pristine(arch)
+    model = pristine(arch)
     groups = groups_of(arch)
     names = [g.name for g in groups]
     assert len(set(names)) == len(names)
