@@ -5,7 +5,8 @@ fine-tuned; then every method is run at MACs budgets of 0.5x, 0.1x and 0.05x the
 the SAME fine-tuning compute (same epochs, same images), over several seeds. A method's single
 budget knob (uniform keep ratio, Zhong's theta) is bisected until the pruned model's MACs hit
 the budget within 3% before any training; gated models (AFDS) count expected MACs at their
-fixed density. Prints and writes a Markdown table of test accuracy (mean +- std over seeds).
+fixed density. Iterative schedules run with their stop rule off (max_drop=1), since it would stop
+above the budget. Prints and writes a Markdown table of test accuracy (mean +- std over seeds).
 
     .venv/bin/python benchmarks/methods.py [--tasks animal_mnist fashion_mnist] [--seeds 0 1 2]
         [--budgets 0.5 0.1 0.05] [--epochs 3] [--workers 2] [--out benchmarks/methods.md]
@@ -75,14 +76,28 @@ def method(name: str, knob: float) -> TrialParams:
     return {
         "baseline (uniform L1, one-shot, plain FT)": TrialParams(budget=uniform, losses={}),
         "uniform L1 + KD (spine)": TrialParams(budget=uniform, losses=kd),
+        # max_drop=1: the stop rule would keep a larger model than the budget; here every method must reach it.
         "liu2017 (source-KD, iterative)": TrialParams(
-            budget=uniform, schedule="iterative", rounds=2, losses={"source_kd": {"weight": 0.5, "temperature": 4.0}}
+            budget=uniform, schedule="iterative", rounds=2, max_drop=1.0, losses={"source_kd": {"weight": 0.5, "temperature": 4.0}}
         ),
         "tascnet (trajectory, >128 only, iterative)": TrialParams(
-            budget=uniform, criterion="trajectory", schedule="iterative", rounds=2, class_weighted=True, losses={}, min_channels=128
+            budget=uniform,
+            criterion="trajectory",
+            schedule="iterative",
+            rounds=2,
+            max_drop=1.0,
+            class_weighted=True,
+            losses={},
+            min_channels=128,
         ),
         "zhong2018 (activation, theta, priority)": TrialParams(
-            budget={"theta": knob}, parametrisation="theta", criterion="activation", schedule="priority", rounds=2, losses=kd
+            budget={"theta": knob},
+            parametrisation="theta",
+            criterion="activation",
+            schedule="priority",
+            rounds=2,
+            max_drop=1.0,
+            losses=kd,
         ),
         "afds (AFD + gating d=0.5)": TrialParams(budget=uniform, losses={"afd": {"weight": 0.01}}, densities={"*": GATE_DENSITY}),
     }[name]
@@ -130,7 +145,19 @@ def macs_ratio(params: TrialParams, data: DataConfig, teacher_dir: Path) -> floa
     return macs / spec["metrics"]["macs"]
 
 
+_KNOBS: dict[tuple, tuple[float, float] | None] = {}
+
+
 def knob_for_budget(name: str, budget: float, data: DataConfig, teacher_dir: Path) -> tuple[float, float] | None:
+    """The method's knob for `budget`, bisected once per distinct way of turning a knob into widths."""
+    p = method(name, 0.5)
+    key = (str(teacher_dir), budget, p.parametrisation, p.min_channels, bool(p.densities), p.criterion if p.parametrisation == "theta" else "")
+    if key not in _KNOBS:
+        _KNOBS[key] = _bisect(name, budget, data, teacher_dir)
+    return _KNOBS[key]
+
+
+def _bisect(name: str, budget: float, data: DataConfig, teacher_dir: Path) -> tuple[float, float] | None:
     """Bisect the method's knob (a keep ratio, or theta, where MACs fall as it rises) to the budget."""
     rising = name.startswith("zhong")  # theta cuts more as it grows
     low, high = (0.0, 1.0) if rising else (0.01, 1.0)
