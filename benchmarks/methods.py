@@ -100,6 +100,7 @@ def method(name: str, knob: float) -> TrialParams:
             losses=kd,
         ),
         "afds (AFD + gating d=0.5)": TrialParams(budget=uniform, losses={"afd": {"weight": 0.01}}, densities={"*": GATE_DENSITY}),
+        "AFD only (uniform L1, no gating)": TrialParams(budget=uniform, losses={"afd": {"weight": 0.01}}),
     }[name]
 
 
@@ -110,6 +111,7 @@ METHODS = [
     "tascnet (trajectory, >128 only, iterative)",
     "zhong2018 (activation, theta, priority)",
     "afds (AFD + gating d=0.5)",
+    "AFD only (uniform L1, no gating)",
 ]
 
 
