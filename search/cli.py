@@ -8,7 +8,7 @@ from pathlib import Path
 from search._helpers import UsageError
 
 EXAMPLES = """examples:
-  slimtune search spaces/quickstart.yaml                 # the embedded demo, ~10 min on 2 CPU cores
+  slimtune search spaces/quickstart.yaml                 # the embedded demo, ~7 min on 2 CPU cores
   slimtune search spaces/quickstart.yaml --smoke-test    # the same pipeline shrunk to about a minute
   slimtune search my_space.yaml --address auto           # on a running Ray cluster
   slimtune pareto quickstart                             # the accuracy-vs-MACs front of the latest search
