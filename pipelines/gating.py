@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from pipelines._helpers import probe_forward
 
 __all__ = [
     "DESCRIPTION", "ChannelGate", "default_gate_layers", "gate_stages", "add_gates", "named_gates", "set_density",
@@ -197,16 +196,11 @@ def gate_stages(model: nn.Module, *, layers: Iterable[str] | None = None) -> dic
 
     `layers` defaults to the model's gates, or to `default_gate_layers` for an ungated model.
     """
+    from pipelines.prune import layer_stages
+
     if layers is None:
         layers = list(named_gates(model)) or default_gate_layers(model)
-    names = {model.get_submodule(name): name for name in layers}
-    stages: dict[str, str] = {}
-
-    def record(module: nn.Module, output: torch.Tensor) -> None:
-        stages[names[module]] = f"stride_{224 // output.shape[-1]}"
-
-    probe_forward(model, names, record, image_size=224)
-    return stages
+    return layer_stages(model, list(layers))
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
