@@ -4,6 +4,7 @@ Ray, Optuna and MLflow are imported here (not at CLI start-up) so that `slimtune
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -14,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from search._helpers import UsageError, format_count
+from search._helpers import format_count
 from search.front import SearchFront, front_of
 from search.layout import Layout
 from search.space import Experiment, SpaceError, to_dict
@@ -54,8 +55,6 @@ def _ensure_teacher(experiment: Experiment, layout: Layout, tracker: Tracker, pa
     try:
         tracker.log_params(run_id, {"arch": experiment.model.arch, "weights": experiment.model.weights, **to_dict(experiment.teacher)})
         if (directory / SPEC_FILE).exists() and (directory / TEACHER_LOGITS_FILE).exists():
-            import json
-
             metrics = json.loads((directory / SPEC_FILE).read_text())["metrics"]
             tracker.set_tags(run_id, {"reused_from": str(directory)})
             log(f"teacher: reusing {directory}")
@@ -219,7 +218,7 @@ def _progress_callback(total: int, log: Log) -> Any:
 
 
 def _run_trials(
-    experiment: Experiment, layout: Layout, context: Any, *, study_name: str, log: Log
+    experiment: Experiment, layout: Layout, context: Any, space: dict[str, Any], *, study_name: str, log: Log
 ) -> None:
     import optuna
     from ray import tune
@@ -229,7 +228,6 @@ def _run_trials(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = experiment.search
-    space = _param_space(experiment, context.groups)
     searcher = OptunaSearch(
         metric=list(OBJECTIVES),
         mode=list(OBJECTIVES.values()),
@@ -321,10 +319,10 @@ def run_search(
             config_yaml=config_yaml,
             groups=groups,
         )
-        _param_space(experiment, groups)  # fail fast on bad overrides, before Ray starts
+        space = _param_space(experiment, groups)  # before Ray starts: bad overrides fail fast
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
-            _run_trials(experiment, layout, context, study_name=f"{experiment.name}-{stamp}", log=log)
+            _run_trials(experiment, layout, context, space, study_name=f"{experiment.name}-{stamp}", log=log)
         finally:
             ray.shutdown()
         front = front_of(tracker, tracker.get(parent_id))
