@@ -31,6 +31,7 @@ class PruningSession:
     recalibrate: Callable[[nn.Module], None]  # BN statistics on train batches
     val_loss_and_accuracy: Callable[[nn.Module], tuple[float, float]]
     fit: Callable[[nn.Module, list[nn.Module], int], float]  # (student, followers, epochs) -> val accuracy
+    dense_scores: dict[nn.Module, torch.Tensor] | None = None  # the criterion on the unpruned student, if already computed
     proxy_accuracy: float | None = None
     rounds: list[dict[str, float]] = field(default_factory=list)
 
@@ -43,7 +44,8 @@ class PruningSession:
         return widths
 
     def cut(self, counts: dict[str, int]) -> None:
-        scores = self.score(self.student, self.followers)
+        scores = self.dense_scores if self.dense_scores is not None else self.score(self.student, self.followers)
+        self.dense_scores = None  # valid for the first cut only
         prune_to_counts(self.student, counts, image_size=self.image_size, scores=scores, followers=self.followers)
         self.recalibrate(self.student)
         if self.proxy_accuracy is None:

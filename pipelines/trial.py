@@ -245,8 +245,9 @@ def run_trial(
         )
         return module_scores(net, params.criterion, data=scoring)
 
-    dense_scores = group_scores_by_name(student, score(student, followers), image_size=data.image_size)
-    target = keep_counts(params.parametrisation, groups=groups, knobs=params.budget, scores=dense_scores)
+    dense_scores = score(student, followers)
+    group_scores = group_scores_by_name(student, dense_scores, image_size=data.image_size)
+    target = keep_counts(params.parametrisation, groups=groups, knobs=params.budget, scores=group_scores)
     target.update({g.name: g.channels for g in groups if g.channels <= params.min_channels})
     epochs_done = 0
 
@@ -295,6 +296,7 @@ def run_trial(
         target=target,
         image_size=data.image_size,
         score=score,
+        dense_scores=dense_scores,
         recalibrate=lambda net: recalibrate_bn(
             net, splits.train, num_batches=finetune.bn_recalibration_batches, batch_size=finetune.batch_size, seed=finetune.seed
         ),
