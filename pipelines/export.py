@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn

@@ -5,13 +5,12 @@ import functools
 import pytest
 import torch
 import torch_pruning as tp
-import torchvision
 from torch import nn
 
 from pipelines.data import Split, batches
 from pipelines.importance import CRITERIA, ScoringData, group_scores, module_scores
 
-from _models import fresh, pristine
+from _models import fresh
 
 IMAGE_SIZE = 32
 NAMES = ["activation", "bn_gamma", "l1", "taylor", "trajectory"]
