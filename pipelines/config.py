@@ -44,5 +44,8 @@ class TrialParams:
     lr: float = 1e-3
     losses: dict[str, dict[str, float]] = field(default_factory=lambda: {"kd": {"alpha": 0.5, "temperature": 4.0}})
     densities: dict[str, float] = field(default_factory=dict)  # stage -> dynamic-gating density; empty = no gating
+    # Epochs stepping the density down from 1 to its target. 0: the target from the start, because
+    # the predictors are fitted at d = 1, not trained there (measured best at 3 epochs: README).
+    density_warmup: int = 0
     class_weighted: bool = False  # TASCNet: cross-entropy weighted by inverse class frequency
     min_channels: int = 0  # groups with at most this many channels are never pruned (TASCNet: 128)

@@ -1,32 +1,39 @@
 """Dynamic channel gating: AFDS's AFS, in the style of Feature Boosting and Suppression (FBS, ICLR 2019).
 
 A `ChannelGate` takes the place of a conv and absorbs the BatchNorm after it (whose slot becomes
-nn.Identity), so one module sees both the conv's input and the BN's output:
+nn.Identity), so one module sees the conv's input and computes its output:
 
     g    = relu(predictor(GAP(x)))        predictor = nn.Linear(C_in, C_out), on the conv's INPUT
     mask = top ceil(d * C_out) of g, per input (winner-take-all; d = density in (0, 1])
-    y    = bn(conv(x)) * (mask * g)       applied to the BN output, BEFORE the activation
 
-After a ReLU-like activation a skipped channel is exactly zero, so the convs reading it skip it
-too. The forward still computes every channel and masks it (a simulation); each gate records its
-per-image mask, and `pipelines.macs.count_macs(..., inputs=...)` counts what a gated runtime would.
-A fresh gate has W = 0, b = 1, so g == 1.0 exactly: at d = 1 it is a bit-exact identity. The
-saliency scaling is what trains the predictor (top-k passes no gradient).
+The mask is applied where the gated channels are READ: a forward pre-hook on each consumer conv
+replaces a skipped channel by a per-channel constant `fill` (learned; 0 when a consumer is not a
+1x1 conv). So a skipped channel costs nothing anywhere along its path: the gated conv, its BN and
+activation, a depthwise conv in between (MobileNetV2), and the consumer, which instead adds
+`fill[c] * W[:, c]` to its bias for that input (C_out MACs per skipped channel, counted). Masking
+the conv's own output instead breaks MobileNetV2: the depthwise BN turns a zeroed channel into a
+large input-dependent constant, and training collapsed to chance (measured, benchmarks/methods.md).
+
+The predictor is FITTED, not trained by the task loss: `fit_predictors` solves ridge regression
+from GAP(x) to each gated channel's per-input mean at the consumer, at density 1, once, so the
+top-k keeps the channels that are most active for this input. Trained through FBS's saliency
+scaling instead, the ranks churned between nearly tied saliencies and training collapsed to chance
+(measured); its output no longer scales the channels. A fresh gate has W = 0, b = 1, so every
+saliency ties and at d = 1 the gate is a bit-exact identity. Each gate records its per-image mask,
+and `pipelines.macs.count_macs(..., inputs=...)` counts what a gated runtime would.
 
 Which layers (`default_gate_layers`, found by tracing with torch.fx): every ungrouped conv, not
 reading the image itself, followed by BatchNorm2d then a zero-preserving activation (ReLU, ReLU6,
 SiLU, ...) whose output reaches ONLY convs (possibly through pools, BN, activations and depthwise
 convs), i.e. channels not tied to a residual add or a concatenation. ResNet: conv1 of each
 BasicBlock (conv1 and conv2 of each Bottleneck); MobileNetV2: the expansion 1x1 conv of each block.
-A depthwise conv after a gate follows its channels: a skipped channel's depthwise output is a
-per-channel constant, folded into the next 1x1 conv's bias by a gated runtime, so it costs nothing.
 
 Gate after structural pruning: `pipelines.prune` does not understand gated models.
 """
 from __future__ import annotations
 
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -36,12 +43,13 @@ from torch import fx, nn
 
 __all__ = [
     "DESCRIPTION", "ChannelGate", "default_gate_layers", "gate_stages", "add_gates", "named_gates", "set_density",
-    "density_schedule", "kept_channels", "channel_usage", "freeze_static_channels", "gate_spec",
+    "density_schedule", "kept_channels", "fit_predictors", "channel_usage", "freeze_static_channels", "gate_spec",
 ]
 
 DESCRIPTION = (
     "AFS/FBS dynamic channel gating: per input keep the top ceil(d*C) channels of each gated conv by predicted"
-    " saliency; density d per stage, lowered from 1 over the epochs; MACs are the expectation over val images"
+    " saliency (a predictor fitted to each channel's per-input activation); density d per stage, optionally"
+    " stepped down from 1 over gating_warmup epochs; MACs are the expectation over val images"
 )
 
 _ZERO_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU)  # act(0) == 0
@@ -61,10 +69,10 @@ def _checked(density: float) -> float:
 
 
 class ChannelGate(nn.Module):
-    """conv -> BN -> per-input channel mask scaled by the predicted saliency (see the module docstring).
+    """conv -> BN, plus the per-input channel mask its consumers apply (see the module docstring).
 
-    Buffers `static` (always kept, scaled by the learned `static_scale` instead of the prediction)
-    and `pruned` (never kept) come from `freeze_static_channels`; both start all False.
+    Buffers `static` (always kept) and `pruned` (never kept) come from `freeze_static_channels`;
+    both start all False. `fill` (a parameter, or None) is what a skipped channel reads as.
     """
 
     def __init__(
@@ -76,6 +84,7 @@ class ChannelGate(nn.Module):
         bn_name: str,
         consumers: Iterable[str] = (),
         followers: Iterable[str] = (),
+        fill: bool = False,
     ) -> None:
         super().__init__()
         channels = conv.out_channels
@@ -83,7 +92,8 @@ class ChannelGate(nn.Module):
         self.predictor = nn.Linear(conv.in_channels, channels).to(conv.weight)  # same device and dtype
         nn.init.zeros_(self.predictor.weight)
         nn.init.ones_(self.predictor.bias)
-        self.static_scale = nn.Parameter(conv.weight.new_ones(channels))
+        self.predictor.requires_grad_(False)  # fitted by fit_predictors, never by the loss
+        self.fill = nn.Parameter(conv.weight.new_zeros(channels)) if fill else None
         self.register_buffer("static", torch.zeros(channels, dtype=torch.bool, device=conv.weight.device))
         self.register_buffer("pruned", torch.zeros(channels, dtype=torch.bool, device=conv.weight.device))
         self.density = _checked(density)
@@ -91,7 +101,7 @@ class ChannelGate(nn.Module):
         self.consumers = tuple(consumers)  # convs reading the gated channels (names in the model)
         self.followers = tuple(followers)  # depthwise convs whose channels follow the gate
         self.last_mask: torch.Tensor | None = None  # N x C bool, from the latest forward
-        self.last_saliency: torch.Tensor | None = None  # N x C, the g that scaled the kept channels
+        self.last_saliency: torch.Tensor | None = None  # N x C, the predicted g of the latest forward
 
     @property
     def kept(self) -> int:
@@ -106,16 +116,21 @@ class ChannelGate(nn.Module):
         return self.conv.out_channels - int(self.static.sum()) - int(self.pruned.sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn(self.conv(x))
         g = F.relu(self.predictor(x.mean(dim=(2, 3))))
-        g = torch.where(self.static, self.static_scale, g)
-        scores = g.detach().masked_fill(self.static, math.inf).masked_fill(self.pruned, -math.inf)
-        mask = torch.zeros_like(g).scatter_(1, scores.topk(self.kept, dim=1).indices, 1.0)
-        self.last_mask, self.last_saliency = mask.detach().bool(), g.detach()
-        return y * (mask * g)[:, :, None, None]
+        scores = g.masked_fill(self.static, math.inf).masked_fill(self.pruned, -math.inf)
+        mask = torch.zeros_like(g, dtype=torch.bool).scatter_(1, scores.topk(self.kept, dim=1).indices, True)
+        self.last_mask, self.last_saliency = mask, g
+        return self.bn(self.conv(x))
+
+    def mask_input(self, _consumer: nn.Module, args: tuple) -> tuple:
+        """Forward pre-hook of each consumer: skipped channels of its input read `fill` (or 0)."""
+        x, *rest = args
+        keep = self.last_mask[:, :, None, None]
+        skipped = 0.0 if self.fill is None else self.fill[:, None, None]
+        return (torch.where(keep, x, skipped), *rest)
 
     def extra_repr(self) -> str:
-        return f"density={self.density}, bn_name={self.bn_name!r}"
+        return f"density={self.density}, bn_name={self.bn_name!r}, fill={self.fill is not None}"
 
 
 def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module]]:
@@ -233,7 +248,9 @@ def add_gates(
         if chain is None:
             raise ValueError(f"{name}: a gate needs conv -> BatchNorm2d -> ReLU-like activation, each used once")
         bn, act = chain
-        consumers, followers, _ = _reach(act, modules)
+        consumers, followers, clean = _reach(act, modules)
+        if not (clean and consumers):
+            raise ValueError(f"{name}: a gate's channels must reach only convs (no residual add or concatenation)")
         gate = ChannelGate(
             modules[name],
             modules[bn.target],
@@ -241,10 +258,19 @@ def add_gates(
             bn_name=bn.target,
             consumers=consumers,
             followers=followers,
+            fill=all(_pointwise(modules[c]) for c in consumers),
         )
         _replace(model, bn.target, nn.Identity())
         _replace(model, name, gate)
+    for gate in named_gates(model).values():  # after all swaps: a consumer may itself be a gate
+        for consumer in gate.consumers:
+            model.get_submodule(consumer).register_forward_pre_hook(gate.mask_input)
     return model
+
+
+def _pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1 conv without padding: a constant input channel adds a constant to each output (its bias)."""
+    return conv.kernel_size == (1, 1) and conv.padding in ((0, 0), "valid")
 
 
 def named_gates(model: nn.Module) -> dict[str, ChannelGate]:
@@ -262,19 +288,21 @@ def set_density(model: nn.Module, density: Mapping[str, float] | float) -> None:
         gates[name].density = _checked(value)
 
 
-def density_schedule(target: Mapping[str, float] | float, epochs: int) -> list:
-    """Per-epoch densities from 1.0 (first epoch) linearly down to `target` (last epoch, exactly).
+def density_schedule(target: Mapping[str, float] | float, epochs: int, *, warmup: int) -> list:
+    """Per-epoch densities: from 1.0 linearly down to `target`, reached after `warmup` epochs, then held.
 
-    A mapping target gives one mapping per epoch; one epoch gives just the target.
+    `warmup` 0 gives the target throughout; it is capped at epochs - 1, so the last epoch always
+    trains at the target. A mapping target gives one mapping per epoch.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if epochs < 1 or warmup < 0:
+        raise ValueError(f"need epochs >= 1 and warmup >= 0, got {epochs} and {warmup}")
+    warmup = min(warmup, epochs - 1)
 
     def at(value: float, epoch: int) -> float:
         value = _checked(value)
-        if epoch == epochs - 1:
+        if epoch >= warmup:
             return value
-        return 1.0 + (value - 1.0) * epoch / (epochs - 1)
+        return 1.0 + (value - 1.0) * epoch / warmup
 
     if isinstance(target, Mapping):
         return [{name: at(value, e) for name, value in target.items()} for e in range(epochs)]
@@ -282,15 +310,67 @@ def density_schedule(target: Mapping[str, float] | float, epochs: int) -> list:
 
 
 @torch.no_grad()
+def fit_predictors(model: nn.Module, batches: Iterable, *, ridge: float = 1e-3) -> dict[str, float]:
+    """Fit every gate's predictor and fill on `batches` (eval mode, all gates at density 1); returns R^2 per gate.
+
+    The predictor is the ridge regression (`ridge` x the mean diagonal of X'X, so it is scale-free)
+    from [GAP(gate input), 1] to each gated channel's per-image spatial mean where its consumers
+    read it. `fill` starts as each channel's mean over the images whose top-ceil(d*C) (at the gate's
+    current density) skips it, so a skip changes its consumers' input as little as possible on average.
+    Call it before `freeze_static_channels`; `batches` yields images or tuples starting with them.
+    """
+    gates = named_gates(model)
+    if not gates:
+        raise ValueError("fit_predictors: the model has no gates")
+    pooled: dict[str, list[torch.Tensor]] = defaultdict(list)
+    read: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def recorder(store: list[torch.Tensor]):
+        return lambda _module, args: store.append(args[0].mean(dim=(2, 3)).double())
+
+    handles = [gate.register_forward_pre_hook(recorder(pooled[name])) for name, gate in gates.items()]
+    handles += [model.get_submodule(g.consumers[0]).register_forward_pre_hook(recorder(read[n])) for n, g in gates.items()]
+    densities = {name: gate.density for name, gate in gates.items()}
+    was_training = model.training
+    set_density(model, 1.0)
+    model.eval()
+    try:
+        for batch in batches:
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        set_density(model, densities)
+        model.train(was_training)
+    if not read:
+        raise ValueError("fit_predictors got no images")
+    fits = {}
+    for name, gate in gates.items():
+        x, y = torch.cat(pooled[name]), torch.cat(read[name])
+        x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
+        gram = x.T @ x
+        gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        solution = torch.linalg.solve(gram, x.T @ y)
+        gate.predictor.weight.copy_(solution[:-1].T)
+        gate.predictor.bias.copy_(solution[-1])
+        predicted = x @ solution
+        fits[name] = float(1 - (predicted - y).square().sum() / (y - y.mean(dim=0)).square().sum().clamp(min=1e-12))
+        if gate.fill is not None:
+            kept = predicted.clamp(min=0).topk(gate.kept, dim=1).indices
+            skipped = torch.ones_like(y).scatter_(1, kept, 0.0)
+            mean_when_skipped = (y * skipped).sum(dim=0) / skipped.sum(dim=0).clamp(min=1)
+            gate.fill.copy_(torch.where(skipped.sum(dim=0) > 0, mean_when_skipped, y.mean(dim=0)))
+    return fits
+
+
+@torch.no_grad()
 def channel_usage(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
     """Per gate, the fraction of inputs for which each channel was kept (eval mode).
 
     `batches` yields image tensors or tuples starting with one (as `pipelines.data.batches` does).
-    Also leaves each gate's mean saliency in `gate.saliency_mean`: the initial static scale.
     """
     gates = named_gates(model)
     kept = {name: torch.zeros(g.conv.out_channels) for name, g in gates.items()}
-    saliency = {name: torch.zeros(g.conv.out_channels) for name, g in gates.items()}
     seen = 0
     was_training = model.training
     model.eval()
@@ -301,13 +381,10 @@ def channel_usage(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor
             seen += len(images)
             for name, gate in gates.items():
                 kept[name] += gate.last_mask.sum(dim=0).cpu()
-                saliency[name] += gate.last_saliency.sum(dim=0).float().cpu()
     finally:
         model.train(was_training)
     if seen == 0:
         raise ValueError("channel_usage got no images")
-    for name, gate in gates.items():
-        gate.saliency_mean = saliency[name] / seen
     return {name: counts / seen for name, counts in kept.items()}
 
 
@@ -315,7 +392,7 @@ def channel_usage(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor
 def freeze_static_channels(
     model: nn.Module, usage: Mapping[str, torch.Tensor], *, never: float = 0.01, always: float = 0.99
 ) -> dict[str, dict[str, int]]:
-    """Kept for < `never` of inputs -> pruned; > `always` -> static (scale = its mean saliency); else dynamic.
+    """Kept for < `never` of inputs -> pruned; > `always` -> static; else dynamic.
 
     Never prunes below the ceil(d * C) most used channels. Returns per gate the three counts.
     """
@@ -328,9 +405,6 @@ def freeze_static_channels(
         static = (used > always) & ~pruned
         gate.pruned.copy_(pruned)
         gate.static.copy_(static)
-        mean = getattr(gate, "saliency_mean", None)
-        if mean is not None:
-            gate.static_scale[gate.static] = mean.to(gate.static_scale)[gate.static]
         summary[name] = {"dynamic": gate.predicted, "static": int(static.sum()), "pruned": int(pruned.sum())}
     return summary
 
@@ -344,6 +418,7 @@ def gate_spec(model: nn.Module) -> dict[str, dict]:
             "density": gate.density,
             "in_features": gate.predictor.in_features,
             "out_features": gate.predictor.out_features,
+            "fill": gate.fill is not None,
             "static": gate.static.nonzero().flatten().tolist(),
             "pruned": gate.pruned.nonzero().flatten().tolist(),
         }

@@ -8,9 +8,9 @@ layers (it counts 2 FLOPs per MAC); tests hold us to that. FLOPs, where shown, a
 
 Gated models (`pipelines.gating`): given `inputs` (real normalised images at `image_size`), the
 count is the EXPECTATION over those images, a float. Per image, a gated conv costs only its kept
-output channels; a conv reading the gated channels costs only its kept input channels; a depthwise
-conv following the gate costs only the kept channels (a skipped one is a per-channel constant,
-folded into the next 1x1 conv's bias), and so do the convs reading its output. Each gate's
+output channels; a depthwise conv following the gate costs only the kept channels; a conv reading
+the gated channels costs only its kept input channels, plus, where skipped channels read a `fill`
+constant, one MAC per output channel per skipped channel (the fill folded into its bias). Each gate's
 predictor Linear costs (kept input channels) x (channels it still predicts: neither static nor
 pruned). Without `inputs`, or without gates, every channel is counted, as above.
 """
@@ -53,6 +53,7 @@ def _gated_macs(model: nn.Module, gates: list[ChannelGate], dense: dict[nn.Modul
     """Sum over the last forward's `n` images of each one's MACs, from the gates' recorded masks."""
     # layer -> [(kept channels per image, channels)]: each factor scales the layer's dense MACs.
     factors: dict[nn.Module, list[tuple[torch.Tensor, int]]] = {}
+    folded = 0  # a skipped channel's fill, added to each reader's bias: one MAC per reader output
     for gate in gates:
         if gate.last_mask is None:
             continue
@@ -63,9 +64,12 @@ def _gated_macs(model: nn.Module, gates: list[ChannelGate], dense: dict[nn.Modul
         for name in gate.consumers:
             for layer in _readers(model, name):
                 factors.setdefault(layer, []).append((kept, channels))
+                if gate.fill is not None:
+                    outputs = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+                    folded += int((channels - kept).sum()) * outputs
         for name in gate.followers:  # depthwise: MACs proportional to its channels, counted once
             factors.setdefault(model.get_submodule(name), []).append((kept, channels))
-    total = 0
+    total = folded
     for layer, macs in dense.items():
         numerator, denominator = torch.full((n,), macs, dtype=torch.int64), 1
         for kept, channels in factors.get(layer, []):

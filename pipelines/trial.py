@@ -8,6 +8,7 @@ callable from a notebook; progress goes to an optional per-epoch callback.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def run_trial(
 
     def fit(net: nn.Module, current_followers: list[nn.Module], epochs: int) -> float:
         nonlocal epochs_done
-        before_epoch = _gate(net, params, epochs=epochs) if params.densities else None
+        before_epoch = _gate(net, params, epochs=epochs, train=splits.train, finetune=finetune) if params.densities else None
         objective = make_objective(
             params.losses,
             student=net,
@@ -319,14 +320,16 @@ def run_trial(
     return metrics
 
 
-def _gate(net: nn.Module, params: TrialParams, *, epochs: int) -> Callable[[int], None]:
-    """Insert dynamic channel gates (per-stage densities); returns the per-epoch density step."""
-    from pipelines.gating import add_gates, default_gate_layers, density_schedule, set_density
+def _gate(net: nn.Module, params: TrialParams, *, epochs: int, train: Split, finetune: FinetuneConfig) -> Callable[[int], None]:
+    """Insert dynamic channel gates (per-stage densities), fit their predictors; returns the per-epoch density step."""
+    from pipelines.gating import add_gates, default_gate_layers, density_schedule, fit_predictors, set_density
     from pipelines.prune import layer_stages
 
     layers = default_gate_layers(net)
     stages = layer_stages(net, layers)
     targets = {name: params.densities.get(stages[name], 1.0) for name in layers}
-    add_gates(net, {name: 1.0 for name in layers}, layers=layers)
-    steps = {name: density_schedule(d, epochs) for name, d in targets.items()}
+    add_gates(net, targets, layers=layers)
+    fitting = batches(train, batch_size=finetune.batch_size, shuffle=True, seed=finetune.seed)
+    fit_predictors(net, itertools.islice(fitting, finetune.bn_recalibration_batches))
+    steps = {name: density_schedule(d, epochs, warmup=params.density_warmup) for name, d in targets.items()}
     return lambda epoch: set_density(net, {name: s[epoch] for name, s in steps.items()})

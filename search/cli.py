@@ -189,7 +189,7 @@ def _methods(args: argparse.Namespace) -> None:
         ("budget parametrisations (search.budgets.granularity)", BUDGETS.describe()),
         ("schedules (search.schedule)", SCHEDULES.describe()),
         ("distillation and regularisation losses (search.teacher, search.feature_loss, search.l2sp_alpha)", LOSSES.describe()),
-        ("dynamic gating (search.gating_density)", {"gating": GATING}),
+        ("dynamic gating (search.gating_density, search.gating_warmup)", {"gating": GATING}),
     ]
     for title, entries in sections:
         print(f"{title}:")

@@ -78,6 +78,7 @@ class SearchConfig:
     l2sp_alpha: Range = Range(0.0, 0.0)  # L2-SP towards the pretrained weights (replaces weight decay); 0 = off
     l2sp_beta: float = 0.01  # L2-SP's plain L2 on the classifier head
     gating_density: Range | None = None  # AFS dynamic gating: per-stage density range; null = no gating
+    gating_warmup: int = 0  # epochs stepping the density down from 1 (FBS); 0 = the target from the start
     class_weighted: bool = False  # TASCNet: class-weighted cross-entropy
 
 
@@ -309,6 +310,8 @@ def validate(experiment: Experiment) -> Experiment:
             raise SpaceError("search.schedule: dynamic gating (search.gating_density) needs schedule one_shot")
         if search.l2sp_alpha.high > 0:
             raise SpaceError("search.l2sp_alpha: L2-SP cannot be combined with dynamic gating (search.gating_density); set it to 0")
+    if search.gating_warmup < 0:
+        raise SpaceError(f"search.gating_warmup: must be 0 or more epochs, got {search.gating_warmup}")
     if search.rounds < 1:
         raise SpaceError(f"search.rounds: must be at least 1, got {search.rounds}")
     if not 0 <= search.max_drop <= 1:

@@ -74,6 +74,7 @@ def trial_params(config: dict[str, Any], *, experiment: Experiment, groups: tupl
         lr=float(config["lr"]),
         losses=_losses(config, experiment, choice("teacher", s.teacher)),
         densities={stage: float(d) for stage, d in config.get("density", {}).items()},
+        density_warmup=s.gating_warmup,
         class_weighted=s.class_weighted,
         min_channels=s.budgets.min_channels,
     )
@@ -84,6 +85,7 @@ def _mlflow_params(params: TrialParams) -> dict[str, Any]:
         **{f"keep.{name}": round(v, 4) for name, v in params.budget.items() if name not in ("theta", "percentile")},
         **{name: v for name, v in params.budget.items() if name in ("theta", "percentile")},
         **{f"density.{stage}": round(d, 4) for stage, d in params.densities.items()},
+        **({"density_warmup": params.density_warmup} if params.densities else {}),
         "parametrisation": params.parametrisation,
         "criterion": params.criterion,
         "schedule": params.schedule,

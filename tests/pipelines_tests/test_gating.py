@@ -18,6 +18,7 @@ from pipelines.gating import (
     channel_usage,
     default_gate_layers,
     density_schedule,
+    fit_predictors,
     freeze_static_channels,
     gate_stages,
     kept_channels,
@@ -125,10 +126,11 @@ def test_expected_macs_match_hand_computation(depthwise: bool) -> None:
     assert selected[:3, :4].all() and not selected[:3, 4:].any()
     assert selected[3, 4:].all() and not selected[3, :4].any()
 
-    # 8x8 outputs; conv0 3->4 kept (3x3); [depthwise on 4 kept (3x3)]; conv 4 kept->4 (1x1); fc; predictor 3x8.
-    expected = 64 * 4 * 3 * 9 + (64 * 4 * 9 if depthwise else 0) + 64 * 4 * 4 + 4 * 2 + 3 * 8
+    # 8x8 outputs; conv0 3->4 kept (3x3); [depthwise on 4 kept (3x3)]; conv 4 kept->4 (1x1); fc; predictor 3x8;
+    # the 4 skipped channels' fill folded into the 1x1 conv's 4 biases.
+    expected = 64 * 4 * 3 * 9 + (64 * 4 * 9 if depthwise else 0) + 64 * 4 * 4 + 4 * 2 + 3 * 8 + 4 * 4
     assert count_macs(model, image_size=8, inputs=x).macs == expected
-    assert expected == count_macs(tiny(4, depthwise=depthwise), image_size=8).macs + 3 * 8
+    assert expected == count_macs(tiny(4, depthwise=depthwise), image_size=8).macs + 3 * 8 + 4 * 4
 
     dense = 64 * 8 * 3 * 9 + (64 * 8 * 9 if depthwise else 0) + 64 * 4 * 8 + 4 * 2
     assert count_macs(tiny(depthwise=depthwise), image_size=8).macs == dense
@@ -156,8 +158,6 @@ def test_export_round_trip_of_gated_resnet18(tmp_path: Path) -> None:
     gate = model.layer1[0].conv1
     gate.static[:3] = True
     gate.pruned[-2:] = True
-    with torch.no_grad():
-        gate.static_scale[:3] = torch.tensor([0.5, 2.0, 1.5])
     save_model(model, tmp_path, arch="resnet18", metadata={"classes": list("abcdefghij")})
     loaded, spec = load_model(tmp_path)
     assert json.loads((tmp_path / SPEC_FILE).read_text()) == spec
@@ -167,6 +167,7 @@ def test_export_round_trip_of_gated_resnet18(tmp_path: Path) -> None:
         "density": 0.5,
         "in_features": 64,
         "out_features": 64,
+        "fill": False,  # its consumer conv2 is 3x3: a skipped channel reads 0
         "static": [0, 1, 2],
         "pruned": [62, 63],
     }
@@ -174,6 +175,18 @@ def test_export_round_trip_of_gated_resnet18(tmp_path: Path) -> None:
     assert spec["layers"]["layer1.0.conv1"]["type"] == "Conv2d"
     assert spec["layers"]["layer1.0.bn1"] == {"type": "BatchNorm2d", "num_features": 64}
     assert isinstance(loaded.layer1[0].conv1, ChannelGate)
+    with torch.no_grad():
+        assert torch.equal(loaded(images()), model(images()))
+
+
+def test_export_round_trip_keeps_the_fill_of_gated_mobilenet(tmp_path: Path) -> None:
+    model = gated("mobilenet_v2", 0.5)
+    with torch.no_grad():
+        for gate in named_gates(model).values():
+            gate.fill.normal_()
+    save_model(model, tmp_path, arch="mobilenet_v2", metadata={})
+    loaded, spec = load_model(tmp_path)
+    assert all(entry["fill"] for entry in spec["gates"].values())
     with torch.no_grad():
         assert torch.equal(loaded(images()), model(images()))
 
@@ -206,9 +219,9 @@ def test_usage_decides_static_and_pruned_channels(kinds: str, static: list[int],
     with torch.no_grad():
         after = model(x)
     assert torch.isfinite(after).all()
-    torch.testing.assert_close(after, before)  # static scale = the mean saliency, equal for equal images
-    if static:  # predictor rows of static and pruned channels cost nothing any more
-        assert count_macs(model, image_size=8, inputs=x).macs == count_macs(tiny(4), image_size=8).macs
+    torch.testing.assert_close(after, before)  # the same channels are kept for every image
+    if static:  # predictor rows of static and pruned channels cost nothing any more; the fill still folds
+        assert count_macs(model, image_size=8, inputs=x).macs == count_macs(tiny(4), image_size=8).macs + 4 * 4
 
 
 def test_freezing_never_prunes_below_the_kept_channels() -> None:
@@ -221,9 +234,14 @@ def test_freezing_never_prunes_below_the_kept_channels() -> None:
 
 
 def test_density_schedule_and_set_density() -> None:
-    assert density_schedule(0.25, 4) == [1.0, 0.75, 0.5, 0.25]
-    assert density_schedule(0.3, 1) == [0.3]
-    assert density_schedule({"a": 0.5, "b": 0.3}, 3)[-1] == {"a": 0.5, "b": 0.3}
+    assert density_schedule(0.25, 4, warmup=3) == [1.0, 0.75, 0.5, 0.25]
+    assert density_schedule(0.25, 4, warmup=9) == [1.0, 0.75, 0.5, 0.25]  # the last epoch is at the target
+    assert density_schedule(0.5, 4, warmup=2) == [1.0, 0.75, 0.5, 0.5]
+    assert density_schedule(0.5, 3, warmup=0) == [0.5, 0.5, 0.5]
+    assert density_schedule(0.3, 1, warmup=1) == [0.3]
+    assert density_schedule({"a": 0.5, "b": 0.3}, 3, warmup=2)[-1] == {"a": 0.5, "b": 0.3}
+    with pytest.raises(ValueError, match="warmup"):
+        density_schedule(0.5, 3, warmup=-1)
     model = hand_gated(1.0)
     set_density(model, {"0": 0.25})
     assert model[0].density == 0.25 and model[0].kept == 2
@@ -233,10 +251,54 @@ def test_density_schedule_and_set_density() -> None:
         set_density(model, {"3": 0.5})
 
 
-def test_predictor_learns_through_the_saliency_scaling() -> None:
-    model = add_gates(tiny(), 0.5, layers=["0"]).train()  # fresh gate: W = 0, so every saliency ties
-    model(typed_images("AB")).square().sum().backward()
-    assert model[0].predictor.weight.grad.abs().sum() > 0
+@pytest.mark.parametrize("depthwise", [False, True], ids=["plain", "depthwise"])
+def test_skipped_channels_read_the_fill_where_they_are_consumed(depthwise: bool) -> None:
+    model = hand_gated(0.5, depthwise=depthwise)
+    with torch.no_grad():
+        model[0].fill.copy_(torch.arange(8.0))
+    read = []
+    consumer = model[-4]  # the 1x1 conv(8 -> 4)
+    consumer.register_forward_pre_hook(lambda _m, args: read.append(args[0]))
+    plain = tiny(depthwise=depthwise)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "predictor" not in k and "fill" not in k}, strict=False)
+    plain[0], plain[1] = model[0].conv, model[0].bn  # the gate's conv and BN
+    unmasked = []
+    plain[-4].register_forward_hook(lambda _m, args, _out: unmasked.append(args[0]))
+    x = typed_images("AB")
+    with torch.no_grad():
+        out = model(x)
+        plain(x)
+    mask = model[0].last_mask
+    assert torch.equal(read[0][mask], unmasked[0][mask])  # kept channels: untouched
+    assert torch.equal(read[0][~mask], torch.arange(8.0).expand(2, 8)[~mask][:, None, None].expand(-1, 8, 8))
+    # the fill is exactly a per-input bias of the 1x1 consumer: what count_macs charges for it
+    zeroed = torch.where(mask[:, :, None, None], unmasked[0], 0.0)
+    bias = (consumer.weight[:, :, 0, 0] @ (~mask * torch.arange(8.0)).T).T
+    conv = functools.partial(torch.nn.functional.conv2d, weight=consumer.weight, bias=consumer.bias)  # no hooks
+    torch.testing.assert_close(conv(read[0]), conv(zeroed) + bias[:, :, None, None])
+    assert torch.isfinite(out).all()
+
+
+def test_fit_predictors_recovers_each_channels_mean_activation() -> None:
+    """Flat positive images, positive weights: no clipping, so each channel's mean is linear in GAP(x)."""
+    model = add_gates(tiny(), 0.5, layers=["0"])
+    with torch.no_grad():
+        model[0].conv.weight.uniform_(0.0, 1.0)
+        model[0].conv.bias.uniform_(0.0, 1.0)
+    x = (torch.rand(64, 3, 1, 1, generator=torch.Generator().manual_seed(0)) + 0.5).expand(-1, -1, 8, 8)
+    fits = fit_predictors(model, [x[:32], (x[32:],)], ridge=1e-9)
+    assert fits["0"] > 0.999
+    with torch.no_grad():
+        model(x)
+        truth = model[2](model[0](x)).mean(dim=(2, 3))  # BN output through the ReLU, per image
+    torch.testing.assert_close(model[0].last_saliency, truth, atol=1e-3, rtol=1e-3)
+    assert torch.equal(model[0].last_mask, torch.zeros_like(truth, dtype=torch.bool).scatter_(1, truth.topk(4).indices, True))
+    assert model[0].density == 0.5 and not model[0].predictor.weight.requires_grad
+    skipped = ~model[0].last_mask
+    when_skipped = (truth * skipped).sum(0) / skipped.sum(0)
+    expected_fill = torch.where(skipped.any(0), when_skipped, truth.mean(0))  # never skipped: the plain mean
+    assert skipped.any(0).sum() >= 4
+    torch.testing.assert_close(model[0].fill, expected_fill, atol=1e-3, rtol=1e-3)
 
 
 def test_gate_stages_follow_prune_stage_labels() -> None:

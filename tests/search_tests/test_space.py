@@ -197,6 +197,10 @@ _BAD: list[Any] = [
     pytest.param(_set("search.budgets.granularity", "layer"), ("search.budgets.granularity[0]: expected one of group, stage, theta, global_percentile",), id="bad-granularity"),
     pytest.param(_set("search.kd_alpha", 1.2), ("search.kd_alpha: 1.2 is outside [0, 1]",), id="kd-alpha-1.2"),
     pytest.param(_set("search.kd_alpha", -0.1), ("search.kd_alpha: -0.1 is outside [0, 1]",), id="kd-alpha-negative"),
+    pytest.param(_set("search.gating_warmup", -1), ("search.gating_warmup: must be 0 or more epochs, got -1",), id="gating-warmup-negative"),
+    pytest.param(
+        _set("search.gating_density", [0.3, 1.5]), ("search.gating_density: 1.5 is outside (0, 1]",), id="gating-density-above-1"
+    ),
     pytest.param(
         _set("search.kd_alpha", {"low": 0, "high": 1, "log": True}), ("search.kd_alpha: a log range needs low > 0",), id="log-range-low-0"
     ),
