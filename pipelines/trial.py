@@ -330,6 +330,6 @@ def _gate(net: nn.Module, params: TrialParams, *, epochs: int, train: Split, fin
     targets = {name: params.densities.get(stages[name], 1.0) for name in layers}
     add_gates(net, targets, layers=layers)
     fitting = batches(train, batch_size=finetune.batch_size, shuffle=True, seed=finetune.seed)
-    fit_predictors(net, itertools.islice(fitting, finetune.bn_recalibration_batches))
+    fit_predictors(net, itertools.islice(fitting, max(1, finetune.bn_recalibration_batches)))  # as many as BN recalibration
     steps = {name: density_schedule(d, epochs, warmup=params.density_warmup) for name, d in targets.items()}
     return lambda epoch: set_density(net, {name: s[epoch] for name, s in steps.items()})
