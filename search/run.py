@@ -222,13 +222,12 @@ def _run_trials(
 ) -> None:
     import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
+    from search.searcher import DistinctOptunaSearch
     from search.trainable import run_tune_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = experiment.search
-    searcher = OptunaSearch(
+    searcher = DistinctOptunaSearch(
         metric=list(OBJECTIVES),
         mode=list(OBJECTIVES.values()),
         points_to_evaluate=_anchor_points(experiment, space),
@@ -253,6 +252,8 @@ def _run_trials(
     )
     log(f"search: {s.num_trials} trials, {s.max_concurrent} at a time, sampler {s.sampler} (seed {s.seed})")
     tuner.fit()
+    if searcher.repeats_skipped:
+        log(f"search: skipped {searcher.repeats_skipped} repeated configuration(s) the sampler proposed")
 
 
 def _publish_front(tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout) -> None:
