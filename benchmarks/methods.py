@@ -101,6 +101,12 @@ def method(name: str, knob: float) -> TrialParams:
         ),
         "afds (AFD + gating d=0.5)": TrialParams(budget=uniform, losses={"afd": {"weight": 0.01}}, densities={"*": GATE_DENSITY}),
         "AFD only (uniform L1, no gating)": TrialParams(budget=uniform, losses={"afd": {"weight": 0.01}}),
+        "uniform activation (one-shot, plain FT)": TrialParams(budget=uniform, criterion="activation", losses={}),
+        # What the gating experiments suggested (README): static pruning alone, with the gateable
+        # layers (MobileNetV2's expansions) cut twice as hard and ranked by mean activation.
+        "activation, expansions at half the ratio": TrialParams(
+            budget={**uniform, "__expansions__": knob / 2}, criterion="activation", losses={}
+        ),
     }[name]
 
 
@@ -112,15 +118,19 @@ METHODS = [
     "zhong2018 (activation, theta, priority)",
     "afds (AFD + gating d=0.5)",
     "AFD only (uniform L1, no gating)",
+    "uniform activation (one-shot, plain FT)",
+    "activation, expansions at half the ratio",
 ]
 
 
 def concrete(params: TrialParams, teacher_dir: Path) -> TrialParams:
-    """Expand the uniform knob to every group, and '*' densities to every stage."""
+    """Expand the uniform knob to every group (`__expansions__` to the gateable ones), '*' densities to every stage."""
     teacher, _ = load_model(teacher_dir)
     groups = prunable_groups(teacher, image_size=IMAGE_SIZE)
     if "__uniform__" in params.budget:
-        params = replace(params, budget={g.name: params.budget["__uniform__"] for g in groups})
+        expansions = set(default_gate_layers(teacher)) if "__expansions__" in params.budget else set()
+        ratio = {name: params.budget["__expansions__"] for name in expansions}
+        params = replace(params, budget={g.name: ratio.get(g.name, params.budget["__uniform__"]) for g in groups})
     if "*" in params.densities:
         params = replace(params, densities={g.stage: params.densities["*"] for g in groups})
     return params
@@ -153,7 +163,7 @@ _KNOBS: dict[tuple, tuple[float, float] | None] = {}
 def knob_for_budget(name: str, budget: float, data: DataConfig, teacher_dir: Path) -> tuple[float, float] | None:
     """The method's knob for `budget`, bisected once per distinct way of turning a knob into widths."""
     p = method(name, 0.5)
-    key = (str(teacher_dir), budget, p.parametrisation, p.min_channels, bool(p.densities), p.criterion if p.parametrisation == "theta" else "")
+    key = (str(teacher_dir), budget, p.parametrisation, p.min_channels, bool(p.densities), p.criterion if p.parametrisation == "theta" else "", tuple(sorted(p.budget)))
     if key not in _KNOBS:
         _KNOBS[key] = _bisect(name, budget, data, teacher_dir)
     return _KNOBS[key]
