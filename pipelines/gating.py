@@ -34,11 +34,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from pipelines._gate_graph import bn_act, module_of, reach
 
 
 __all__ = [
@@ -52,9 +54,6 @@ DESCRIPTION = (
     " stepped down from 1 over gating_warmup epochs; MACs are the expectation over val images"
 )
 
-_ZERO_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU, nn.LeakyReLU)  # act(0) == 0
-_ZERO_FUNCTIONS = (F.relu, F.relu6, F.silu, F.hardswish, F.gelu, F.leaky_relu, torch.relu)
-_CHANNELWISE = (nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout, nn.Identity)
 
 
 def kept_channels(channels: int, density: float) -> int:
@@ -143,64 +142,21 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, dict[str, nn.Module]]:
     return graph, dict(model.named_modules())
 
 
-def _module(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
-    return modules.get(node.target) if node.op == "call_module" else None
-
-
-def _zero_activation(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
-    return isinstance(_module(node, modules), _ZERO_ACTIVATIONS) or (
-        node.op == "call_function" and node.target in _ZERO_FUNCTIONS
-    )
-
-
-def _bn_act(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node, fx.Node] | None:
-    """The (BN, activation) nodes right after conv `node`, each its predecessor's only user; else None."""
-    if len(node.users) != 1:
-        return None
-    bn = next(iter(node.users))
-    if not isinstance(_module(bn, modules), nn.BatchNorm2d) or len(bn.users) != 1:
-        return None
-    act = next(iter(bn.users))
-    return (bn, act) if _zero_activation(act, modules) else None
-
-
-def _reach(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[list[str], list[str], bool]:
-    """Convs reading `node`'s channels, depthwise convs passing them on, and whether ONLY convs read them."""
-    consumers: list[str] = []
-    followers: list[str] = []
-    clean = True
-    for user in node.users:
-        module = _module(user, modules)
-        if isinstance(module, nn.Conv2d) and module.groups == 1:
-            consumers.append(user.target)
-            continue
-        if isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels:
-            followers.append(user.target)
-        elif not (isinstance(module, _CHANNELWISE) or _zero_activation(user, modules)):
-            clean = False
-            continue
-        more_consumers, more_followers, more_clean = _reach(user, modules)
-        consumers += more_consumers
-        followers += more_followers
-        clean = clean and more_clean
-    return consumers, followers, clean
-
-
 def default_gate_layers(model: nn.Module) -> list[str]:
     """Names of the convs the module docstring's rule selects, in graph order."""
     graph, modules = _trace(model)
     calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
     names = []
     for node in graph.nodes:
-        conv = _module(node, modules)
+        conv = module_of(node, modules)
         if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or calls[node.target] != 1:
             continue
         if node.args[0].op == "placeholder":  # the stem: a GAP of the image says little
             continue
-        chain = _bn_act(node, modules)
+        chain = bn_act(node, modules)
         if chain is None or calls[chain[0].target] != 1:
             continue
-        consumers, _, clean = _reach(chain[1], modules)
+        consumers, _, clean = reach(chain[1], modules)
         if clean and consumers:
             names.append(node.target)
     return names
@@ -244,11 +200,11 @@ def add_gates(
     for name in names:
         if not isinstance(modules.get(name), nn.Conv2d) or name not in nodes:
             raise ValueError(f"{name!r} is not a Conv2d called in {type(model).__name__}'s forward")
-        chain = _bn_act(nodes[name], modules)
+        chain = bn_act(nodes[name], modules)
         if chain is None:
             raise ValueError(f"{name}: a gate needs conv -> BatchNorm2d -> ReLU-like activation, each used once")
         bn, act = chain
-        consumers, followers, clean = _reach(act, modules)
+        consumers, followers, clean = reach(act, modules)
         if not (clean and consumers):
             raise ValueError(f"{name}: a gate's channels must reach only convs (no residual add or concatenation)")
         gate = ChannelGate(
@@ -309,6 +265,21 @@ def density_schedule(target: Mapping[str, float] | float, epochs: int, *, warmup
     return [at(target, e) for e in range(epochs)]
 
 
+def _forward_each(model: nn.Module, batches: Iterable) -> Iterator[int]:
+    """Run each batch (images, or a tuple starting with them) through `model` in eval mode without
+    gradients, yielding its image count; the model's training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(images)
+                yield len(images)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def fit_predictors(model: nn.Module, batches: Iterable, *, ridge: float = 1e-3) -> dict[str, float]:
     """Fit every gate's predictor and fill on `batches` (eval mode, all gates at density 1); returns R^2 per gate.
@@ -331,18 +302,14 @@ def fit_predictors(model: nn.Module, batches: Iterable, *, ridge: float = 1e-3) 
     handles = [gate.register_forward_pre_hook(recorder(pooled[name])) for name, gate in gates.items()]
     handles += [model.get_submodule(g.consumers[0]).register_forward_pre_hook(recorder(read[n])) for n, g in gates.items()]
     densities = {name: gate.density for name, gate in gates.items()}
-    was_training = model.training
     set_density(model, 1.0)
-    model.eval()
     try:
-        for batch in batches:
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        seen = sum(_forward_each(model, batches))
     finally:
         for handle in handles:
             handle.remove()
         set_density(model, densities)
-        model.train(was_training)
-    if not read:
+    if seen == 0:
         raise ValueError("fit_predictors got no images")
     fits = {}
     for name, gate in gates.items():
@@ -372,17 +339,10 @@ def channel_usage(model: nn.Module, batches: Iterable) -> dict[str, torch.Tensor
     gates = named_gates(model)
     kept = {name: torch.zeros(g.conv.out_channels) for name, g in gates.items()}
     seen = 0
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(images)
-            seen += len(images)
-            for name, gate in gates.items():
-                kept[name] += gate.last_mask.sum(dim=0).cpu()
-    finally:
-        model.train(was_training)
+    for count in _forward_each(model, batches):
+        seen += count
+        for name, gate in gates.items():
+            kept[name] += gate.last_mask.sum(dim=0).cpu()
     if seen == 0:
         raise ValueError("channel_usage got no images")
     return {name: counts / seen for name, counts in kept.items()}
