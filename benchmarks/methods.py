@@ -33,7 +33,7 @@ from pipelines.budgets import keep_counts
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
 from pipelines.data import batches, load_data, prepare_animal_mnist
 from pipelines.export import load_model
-from pipelines.gating import add_gates, default_gate_layers, gate_stages
+from pipelines.gating import add_stage_gates, default_gate_layers
 from pipelines.importance import ScoringData, module_scores
 from pipelines.macs import count_macs
 from pipelines.prune import group_scores_by_name, prunable_groups, prune_to_counts
@@ -149,9 +149,7 @@ def macs_ratio(params: TrialParams, data: DataConfig, teacher_dir: Path) -> floa
     prune_to_counts(student, target, image_size=IMAGE_SIZE, scores=scores)
     inputs = None
     if params.densities:
-        layers = default_gate_layers(student)
-        stages = gate_stages(student, layers=layers)
-        add_gates(student, {n: params.densities.get(stages[n], 1.0) for n in layers}, layers=layers)
+        add_stage_gates(student, params.densities)
         inputs = next(batches(splits.val, batch_size=64))[0]
     macs = count_macs(student, image_size=IMAGE_SIZE, **({"inputs": inputs} if inputs is not None else {})).macs
     return macs / spec["metrics"]["macs"]

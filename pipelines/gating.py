@@ -44,7 +44,7 @@ from pipelines._gate_graph import bn_act, module_of, reach
 
 
 __all__ = [
-    "DESCRIPTION", "ChannelGate", "default_gate_layers", "gate_stages", "add_gates", "named_gates", "set_density",
+    "DESCRIPTION", "ChannelGate", "default_gate_layers", "gate_stages", "add_gates", "add_stage_gates", "named_gates", "set_density",
     "density_schedule", "kept_channels", "fit_predictors", "channel_usage", "freeze_static_channels", "gate_spec",
 ]
 
@@ -222,6 +222,15 @@ def add_gates(
         for consumer in gate.consumers:
             model.get_submodule(consumer).register_forward_pre_hook(gate.mask_input)
     return model
+
+
+def add_stage_gates(model: nn.Module, densities: Mapping[str, float]) -> dict[str, float]:
+    """Gate every `default_gate_layers` conv at its stage's density (absent stages: 1.0); returns conv -> density."""
+    layers = default_gate_layers(model)
+    stages = gate_stages(model, layers=layers)
+    per_layer = {name: densities.get(stages[name], 1.0) for name in layers}
+    add_gates(model, per_layer, layers=layers)
+    return per_layer
 
 
 def _pointwise(conv: nn.Conv2d) -> bool:

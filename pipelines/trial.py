@@ -322,13 +322,9 @@ def run_trial(
 
 def _gate(net: nn.Module, params: TrialParams, *, epochs: int, train: Split, finetune: FinetuneConfig) -> Callable[[int], None]:
     """Insert dynamic channel gates (per-stage densities), fit their predictors; returns the per-epoch density step."""
-    from pipelines.gating import add_gates, default_gate_layers, density_schedule, fit_predictors, set_density
-    from pipelines.prune import layer_stages
+    from pipelines.gating import add_stage_gates, density_schedule, fit_predictors, set_density
 
-    layers = default_gate_layers(net)
-    stages = layer_stages(net, layers)
-    targets = {name: params.densities.get(stages[name], 1.0) for name in layers}
-    add_gates(net, targets, layers=layers)
+    targets = add_stage_gates(net, params.densities)
     fitting = batches(train, batch_size=finetune.batch_size, shuffle=True, seed=finetune.seed)
     fit_predictors(net, itertools.islice(fitting, max(1, finetune.bn_recalibration_batches)))  # as many as BN recalibration
     steps = {name: density_schedule(d, epochs, warmup=params.density_warmup) for name, d in targets.items()}

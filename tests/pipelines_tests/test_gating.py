@@ -15,6 +15,7 @@ from pipelines.export import SPEC_FILE, load_model, save_model
 from pipelines.gating import (
     ChannelGate,
     add_gates,
+    add_stage_gates,
     channel_usage,
     default_gate_layers,
     density_schedule,
@@ -305,6 +306,13 @@ def test_gate_stages_follow_prune_stage_labels() -> None:
     stages = gate_stages(_plain("resnet18"))
     assert stages == {name: f"stride_{2 ** (int(name[5]) + 1)}" for name in EXPECTED_GATES["resnet18"]}
     assert gate_stages(add_gates(copy.deepcopy(_plain("resnet18")), 0.5)) == stages
+
+
+def test_stage_densities_reach_the_gates_of_that_stage() -> None:
+    model = copy.deepcopy(_plain("resnet18"))
+    per_layer = add_stage_gates(model, {"stride_8": 0.5})
+    assert per_layer == {name: 0.5 if name.startswith("layer2") else 1.0 for name in EXPECTED_GATES["resnet18"]}
+    assert {name: gate.density for name, gate in named_gates(model).items()} == per_layer
 
 
 def test_explicit_layers_need_bn_and_activation() -> None:
