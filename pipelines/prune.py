@@ -18,6 +18,7 @@ from torch import nn
 
 from pipelines._helpers import probe_forward
 from pipelines.importance import group_scores, module_scores
+from pipelines.macs import LayerCost, MacsModel, layer_macs
 from pipelines.models import head_name
 
 __all__ = [
@@ -28,13 +29,18 @@ __all__ = [
     "prune_to_ratios",
     "kept_channels",
     "layer_stages",
+    "macs_model",
 ]
+
+_WRITES = (tp.prune_conv_out_channels, tp.prune_depthwise_conv_out_channels, tp.prune_linear_out_channels)
+_READS = (tp.prune_conv_in_channels, tp.prune_depthwise_conv_in_channels, tp.prune_linear_in_channels)
 
 @dataclass(frozen=True)
 class Group:
     name: str
     channels: int
     stage: str
+    residual: bool = False  # the channels pass through a residual add
 
 
 def _dependency_graph(model: nn.Module, image_size: int) -> tp.DependencyGraph:
@@ -77,11 +83,51 @@ def layer_stages(model: nn.Module, layer_names: list[str]) -> dict[str, str]:
     return stages
 
 
+def _is_residual(group: tp.dependency.Group) -> bool:
+    """The group's channels pass through an element-wise add (Torch-Pruning records it as an op node)."""
+    for item in group:
+        grad_fn = getattr(item.dep.target.module, "_grad_fn", None)
+        if isinstance(grad_fn, str) and grad_fn.startswith("AddBackward"):
+            return True
+    return False
+
+
 def prunable_groups(model: nn.Module, *, image_size: int) -> list[Group]:
     """The model's prunable groups in definition order (the classifier's outputs are never pruned)."""
     named = _named_groups(model, _dependency_graph(model, image_size))
     stages = layer_stages(model, [name for name, _ in named])
-    return [Group(name=name, channels=len(group[0].idxs), stage=stages[name]) for name, group in named]
+    return [
+        Group(name=name, channels=len(group[0].idxs), stage=stages[name], residual=_is_residual(group))
+        for name, group in named
+    ]
+
+
+def macs_model(model: nn.Module, *, image_size: int) -> MacsModel:
+    """The model's MACs as a function of the channels each prunable group keeps (see MacsModel)."""
+    named = _named_groups(model, _dependency_graph(model, image_size))
+    writes: dict[nn.Module, dict[str, float]] = {}
+    reads: dict[nn.Module, dict[str, float]] = {}
+    for name, group in named:
+        channels = len(group[0].idxs)
+        for item in group:
+            module, handler = item.dep.target.module, item.dep.handler
+            table = writes if handler in _WRITES else reads if handler in _READS else None
+            if table is not None:
+                table.setdefault(module, {})[name] = len(item.idxs) / channels
+    layers = []
+    for module, macs in layer_macs(model, image_size=image_size).items():
+        is_conv = isinstance(module, nn.Conv2d)
+        layers.append(
+            LayerCost(
+                macs=macs,
+                out_channels=module.out_channels if is_conv else module.out_features,
+                in_channels=module.in_channels if is_conv else module.in_features,
+                grouped=is_conv and module.groups > 1,
+                writes=tuple(writes.get(module, {}).items()),
+                reads=tuple(reads.get(module, {}).items()),
+            )
+        )
+    return MacsModel(layers=tuple(layers), channels={name: len(group[0].idxs) for name, group in named})
 
 
 def kept_channels(channels: int, ratio: float) -> int:

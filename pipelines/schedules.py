@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pipelines._registry import Registry
+from pipelines.gating import ChannelGate
 from pipelines.prune import Group, prune_to_counts
 
 __all__ = ["SCHEDULES", "PruningSession", "round_counts", "split_epochs"]
@@ -40,6 +41,8 @@ class PruningSession:
         widths = {}
         for g in self.groups:
             layer = self.student.get_submodule(g.name)
+            if isinstance(layer, ChannelGate):  # a gated conv keeps its static width
+                layer = layer.conv
             widths[g.name] = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
         return widths
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipelines.budgets import keep_counts
+from pipelines.budgets import BudgetInputs, keep_counts
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
 from pipelines.data import IMAGENET_MEAN, IMAGENET_STD, Split, Splits, batches, load_data
 from pipelines.export import load_model, save_model
@@ -24,16 +25,17 @@ from pipelines.importance import ScoringData, module_scores
 from pipelines.macs import count_macs
 from pipelines.models import build_model
 from pipelines.objective import FEATURE_TERMS, SOURCE_TERMS, delta_weights, make_objective
-from pipelines.prune import group_scores_by_name, prunable_groups
+from pipelines.prune import group_scores_by_name, macs_model, prunable_groups
 from pipelines.schedules import SCHEDULES, PruningSession
 from pipelines.sources import SourceNet, index_tracer, stage_outputs
 from pipelines.train import cross_entropy_loss, evaluate, make_optimizer, predict_logits, recalibrate_bn, train_one_epoch
 
-__all__ = ["train_teacher", "run_trial", "EpochCallback", "TEACHER_LOGITS_FILE"]
+__all__ = ["train_teacher", "run_trial", "can_start_from_trial", "EpochCallback", "TEACHER_LOGITS_FILE"]
 
 EpochCallback = Callable[[dict[str, float]], None]
 TEACHER_LOGITS_FILE = "train_logits.safetensors"
 TRAJECTORY_FILE = "trajectory.safetensors"
+_FOLLOWER_TERMS = SOURCE_TERMS | {"l2sp"}  # losses that need the pretrained network pruned in step with the student
 
 
 def _finish(
@@ -182,6 +184,12 @@ def _class_weights(train: Split, num_classes: int) -> torch.Tensor:
     return counts.sum() / (num_classes * counts)
 
 
+def can_start_from_trial(params: TrialParams) -> bool:
+    """Whether `run_trial(params, start_from=...)` may prune an earlier trial's model: not with
+    state that follows the teacher's channels (pretrained-channel losses, trajectories, gates)."""
+    return not (_FOLLOWER_TERMS & params.losses.keys() or params.criterion == "trajectory" or params.densities)
+
+
 def run_trial(
     params: TrialParams,
     *,
@@ -190,28 +198,44 @@ def run_trial(
     finetune: FinetuneConfig,
     teacher_dir: str | Path,
     output_dir: str | Path,
+    start_from: str | Path | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> dict[str, float]:
     """Prune the teacher as `params` say, fine-tune it with the chosen losses, evaluate and export it.
 
+    `start_from`: an exported, smaller model of the same teacher (an earlier trial's) to prune
+    further instead of the teacher; channel counts are still those `params` give for the teacher,
+    capped by what that model has. Not with losses that track the pretrained channels (l2sp,
+    source terms), the trajectory criterion or gating, whose state follows the teacher's channels.
+
     Fine-tuning uses no augmentation so that the teacher's stored train logits match each image.
-    Each epoch reports the loss parts and `val_accuracy` to `on_epoch_end`. Returns
-    `proxy_accuracy` (after the first cut + BN recalibration, before fine-tuning), `val_accuracy`,
-    `test_accuracy`, `macs` (expected over val images for gated models), `params`, `macs_ratio`
-    (vs the teacher), `rounds` (pruning rounds kept) and `round<i>_val_accuracy` for every round.
+    Each epoch reports the loss parts, `val_accuracy`, `macs` and `macs_ratio` to `on_epoch_end`.
+    Returns `proxy_accuracy` (after the first cut + BN recalibration, before fine-tuning),
+    `val_accuracy`, `test_accuracy`, `macs` (expected over val images for gated models), `params`,
+    `macs_ratio` (vs the teacher), `rounds` (pruning rounds kept), `round<i>_val_accuracy` for
+    every round and `keep_min` / `keep_mean` / `keep_max`, the achieved fractions of each group's
+    channels (before gating).
     """
     if params.densities and params.schedule != "one_shot":
         raise ValueError("dynamic gating needs the one_shot schedule")
+    if start_from is not None and not can_start_from_trial(params):
+        raise ValueError("start_from needs losses without the pretrained network's channels, no trajectory criterion and no gating")
     torch.manual_seed(finetune.seed)
     teacher_dir = Path(teacher_dir)
     splits = load_data(data)
-    student, spec = load_model(teacher_dir)
+    dense, spec = load_model(teacher_dir)
+    student = dense if start_from is None else load_model(start_from)[0]
     student = student.to(memory_format=torch.channels_last)
     teacher_logits = load_file(teacher_dir / TEACHER_LOGITS_FILE)["logits"]
     if len(teacher_logits) != len(splits.train):
         raise ValueError(f"{teacher_dir} holds logits for {len(teacher_logits)} train images, the data has {len(splits.train)}")
-    groups = prunable_groups(student, image_size=data.image_size)
-    needs_source = bool((SOURCE_TERMS | {"l2sp"}) & params.losses.keys())
+    groups = prunable_groups(dense, image_size=data.image_size)
+    budget_inputs = BudgetInputs(
+        groups=groups,
+        macs=macs_model(dense, image_size=data.image_size) if params.parametrisation == "target" else None,
+        ceiling=None if start_from is None else {g.name: g.channels for g in prunable_groups(student, image_size=data.image_size)},
+    )
+    needs_source = bool(_FOLLOWER_TERMS & params.losses.keys())
     layers = stage_outputs(student) if FEATURE_TERMS & params.losses.keys() else []
     source = SourceNet(model, layers=layers) if SOURCE_TERMS & params.losses.keys() else None
     delta = (
@@ -248,9 +272,18 @@ def run_trial(
 
     dense_scores = score(student, followers)
     group_scores = group_scores_by_name(student, dense_scores, image_size=data.image_size)
-    target = keep_counts(params.parametrisation, groups=groups, knobs=params.budget, scores=group_scores)
+    target = keep_counts(params.parametrisation, replace(budget_inputs, scores=group_scores), params.budget)
     target.update({g.name: g.channels for g in groups if g.channels <= params.min_channels})
     epochs_done = 0
+    macs_inputs = next(batches(splits.val, batch_size=256))[0] if params.densities else None
+
+    def count(net: nn.Module) -> float:
+        return float(count_macs(net, image_size=data.image_size, **({"inputs": macs_inputs} if macs_inputs is not None else {})).macs)
+
+    def with_macs(net: nn.Module) -> EpochCallback | None:
+        if on_epoch_end is None:
+            return None
+        return lambda metrics: on_epoch_end({**metrics, "macs": (m := count(net)), "macs_ratio": m / spec["metrics"]["macs"]})
 
     def fit(net: nn.Module, current_followers: list[nn.Module], epochs: int) -> float:
         nonlocal epochs_done
@@ -278,7 +311,7 @@ def run_trial(
                 flip=False,
                 first_epoch=epochs_done + 1,
                 before_epoch=before_epoch,
-                on_epoch_end=on_epoch_end,
+                on_epoch_end=with_macs(net),
             )
         finally:
             objective.close()
@@ -306,15 +339,15 @@ def run_trial(
     )
     SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs, rounds=params.rounds, max_drop=params.max_drop)
     extra = {"proxy_accuracy": session.proxy_accuracy, "rounds": float(len([r for r in session.rounds if not r.get("reverted")]))}
+    kept = [width / g.channels for g, width in zip(groups, session.current().values())]  # achieved, not requested
+    extra.update(keep_min=min(kept), keep_mean=sum(kept) / len(kept), keep_max=max(kept))
     extra.update({f"round{r['round']}_val_accuracy": r["val_accuracy"] for r in session.rounds})  # every round, reverted too
-    macs_inputs = None
     if params.densities:
         from pipelines.gating import channel_usage, freeze_static_channels
 
         # AFS: channels (almost) never selected on the train data are pruned, (almost) always: static.
         usage = channel_usage(session.student, batches(splits.train, batch_size=finetune.batch_size))
         freeze_static_channels(session.student, usage)
-        macs_inputs = next(batches(splits.val, batch_size=256))[0]
     metrics = _finish(session.student, splits, data=data, arch=spec["arch"], output_dir=Path(output_dir), extra=extra, macs_inputs=macs_inputs)
     metrics["macs_ratio"] = metrics["macs"] / spec["metrics"]["macs"]
     return metrics
