@@ -115,11 +115,18 @@ def _print_front(front, *, header: str) -> None:
 
     print(header)
     print(front_table(front_rows(front.front)))
-    failed = len(front.trials) - len(front.finished)
-    print(f"{len(front.finished)} trials finished, {failed} failed or unfinished; the front is non-dominated on (val acc max, MACs min).")
+    stopped = sum(r.status == "KILLED" for r in front.trials)
+    failed = len(front.trials) - len(front.finished) - stopped
+    print(
+        f"{len(front.finished)} trials finished, {stopped} stopped early, {failed} failed or unfinished;"
+        " the front is non-dominated on (val acc max, MACs min)."
+    )
     if front.teacher is not None:
         t = front.teacher.metrics
         print(f"dense teacher: val acc {t['val_accuracy']:.3f}, test acc {t['test_accuracy']:.3f}, {t['macs'] / 1e6:.2f}M MACs")
+    if front.hypervolume is not None:
+        versus = f"; the uniform anchors alone: {front.anchors_hypervolume:.3f}" if front.anchors_hypervolume is not None else ""
+        print(f"hypervolume (area under the front's test accuracy, MACs in [0, teacher], accuracy above chance): {front.hypervolume:.3f}{versus}")
 
 
 def _search(args: argparse.Namespace) -> int:

@@ -1,13 +1,13 @@
 """The Pareto front of a search, read back from MLflow: shared by `search`, `pareto` and `fetch`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from search._helpers import UsageError, format_count
-from search.pareto import Point, pareto_front
-from search.tracking import RunRecord, Tracker
+from search.pareto import Point, hypervolume, pareto_front
+from search.tracking import ANCHOR_TAG, RunRecord, Tracker
 
-__all__ = ["SearchFront", "load_front", "choose_under_budget"]
+__all__ = ["SearchFront", "front_of", "load_front", "choose_under_budget", "front_hypervolume"]
 
 _REQUIRED = ("val_accuracy", "test_accuracy", "macs", "params")
 
@@ -19,6 +19,21 @@ class SearchFront:
     finished: list[RunRecord]  # FINISHED with all final metrics
     front: list[RunRecord]  # non-dominated finished trials, by MACs ascending
     teacher: RunRecord | None
+    anchors: list[RunRecord]  # the finished uniform-allocation anchor trials
+    hypervolume: float | None  # of the front (test accuracy; see front_hypervolume); None without a teacher
+    anchors_hypervolume: float | None  # of the anchors' own front; None without anchors
+
+
+def _points(runs: list[RunRecord], metric: str) -> list[Point]:
+    return [Point(key=r.run_id, accuracy=r.metrics.get(metric, 0.0), macs=r.metrics.get("macs", 0.0), finished=_is_finished(r)) for r in runs]
+
+
+def front_hypervolume(runs: list[RunRecord], *, teacher_macs: float, chance: float) -> float:
+    """Hypervolume of the front selected on val accuracy, measured with its test accuracy (which the
+    search never sees), in the box MACs / teacher MACs in [0, 1] x accuracy in [chance, 1]."""
+    test = {r.run_id: r.metrics["test_accuracy"] for r in runs}
+    front = [replace(p, accuracy=test[p.key]) for p in pareto_front(_points(runs, "val_accuracy"))]
+    return hypervolume(front, reference_macs=teacher_macs, floor=chance)
 
 
 def _is_finished(run: RunRecord) -> bool:
@@ -27,18 +42,25 @@ def _is_finished(run: RunRecord) -> bool:
 
 def front_of(tracker: Tracker, search: RunRecord) -> SearchFront:
     trials = tracker.children(search.run_id, role="trial")
-    points = [
-        Point(key=r.run_id, accuracy=r.metrics.get("val_accuracy", 0.0), macs=r.metrics.get("macs", 0.0), finished=_is_finished(r))
-        for r in trials
-    ]
     by_id = {r.run_id: r for r in trials}
     teachers = tracker.children(search.run_id, role="teacher")
+    teacher = teachers[0] if teachers and "macs" in teachers[0].metrics else None
+    finished = [r for r in trials if _is_finished(r)]
+    anchors = [r for r in finished if r.tags.get(ANCHOR_TAG) == "true"]
+    volume = anchors_volume = None
+    if teacher is not None and "num_classes" in search.params:
+        scale = {"teacher_macs": teacher.metrics["macs"], "chance": 1 / int(search.params["num_classes"])}
+        volume = front_hypervolume(finished, **scale)
+        anchors_volume = front_hypervolume(anchors, **scale) if anchors else None
     return SearchFront(
         search=search,
         trials=trials,
-        finished=[r for r in trials if _is_finished(r)],
-        front=[by_id[p.key] for p in pareto_front(points)],
-        teacher=teachers[0] if teachers else None,
+        finished=finished,
+        front=[by_id[p.key] for p in pareto_front(_points(trials, "val_accuracy"))],
+        teacher=teacher,
+        anchors=anchors,
+        hypervolume=volume,
+        anchors_hypervolume=anchors_volume,
     )
 
 

@@ -31,14 +31,18 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
     return sorted(front, key=lambda p: (p.macs, -p.accuracy, p.key))
 
 
-def hypervolume(front: Sequence[Point], *, reference_macs: float) -> float:
-    """Area dominated by `front` in (MACs / reference_macs, accuracy) space, bounded by accuracy 0 and
-    MACs = reference_macs (the dense teacher): 1.0 would be perfect accuracy at zero MACs."""
+def hypervolume(front: Sequence[Point], *, reference_macs: float, floor: float = 0.0) -> float:
+    """Area dominated by `front` in the box MACs / reference_macs in [0, 1] x accuracy in [floor, 1].
+
+    reference_macs is the dense teacher's, floor the chance accuracy (1 / classes): the limit, the
+    teacher's accuracy at zero MACs, is (teacher accuracy - floor). Points above reference_macs or
+    below floor add nothing.
+    """
     area = 0.0
     # Staircase: between consecutive MACs levels, the best accuracy reachable with at most that many MACs.
     levels = sorted({p.macs for p in front if p.macs <= reference_macs})
     for i, level in enumerate(levels):
         upper = levels[i + 1] if i + 1 < len(levels) else reference_macs
         reachable = max(p.accuracy for p in front if p.macs <= level)
-        area += reachable * (upper - level) / reference_macs
+        area += max(0.0, reachable - floor) * (upper - level) / reference_macs
     return area

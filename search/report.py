@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,6 @@ class FrontRow:
 def front_rows(runs: Sequence[RunRecord]) -> list[FrontRow]:
     rows = []
     for run in runs:
-        keeps = [float(v) for k, v in run.params.items() if k.startswith("keep.")] or [1.0]
         m = run.metrics
         rows.append(
             FrontRow(
@@ -42,9 +42,9 @@ def front_rows(runs: Sequence[RunRecord]) -> list[FrontRow]:
                 macs=m["macs"],
                 macs_ratio=m.get("macs_ratio", 1.0),
                 params=m["params"],
-                keep_min=min(keeps),
-                keep_mean=sum(keeps) / len(keeps),
-                keep_max=max(keeps),
+                keep_min=m.get("keep_min", math.nan),  # absent in searches made before it was logged
+                keep_mean=m.get("keep_mean", math.nan),
+                keep_max=m.get("keep_max", math.nan),
             )
         )
     return sorted(rows, key=lambda r: r.macs)
@@ -58,7 +58,7 @@ def front_table(rows: Sequence[FrontRow]) -> str:
             f"{r.val_accuracy:.3f}",
             f"{r.test_accuracy:.3f}",
             format_count(r.macs),
-            f"{r.macs_ratio:.2f}",
+            f"{r.macs_ratio:.3f}",
             format_count(r.params),
             f"{r.keep_min:.2f}/{r.keep_mean:.2f}/{r.keep_max:.2f}",
         )
@@ -83,9 +83,16 @@ def front_json(rows: Sequence[FrontRow]) -> str:
 
 
 def plot_front(
-    trials: Sequence[RunRecord], front: Sequence[FrontRow], *, teacher: dict[str, float], title: str, path: Path
+    trials: Sequence[RunRecord],
+    front: Sequence[FrontRow],
+    *,
+    teacher: dict[str, float],
+    anchors: Sequence[RunRecord] = (),
+    title: str,
+    path: Path,
 ) -> Path:
-    """Val accuracy vs MACs: every finished trial, the front as a staircase, the dense teacher as a star."""
+    """Val accuracy vs MACs: every finished trial, the uniform anchors, the front as a staircase,
+    the dense teacher as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,9 +106,20 @@ def plot_front(
         color="0.65",
         label="trials",
     )
+    if anchors:
+        ax.scatter(
+            [t.metrics["macs"] / 1e6 for t in anchors],
+            [t.metrics["val_accuracy"] for t in anchors],
+            s=36,
+            marker="s",
+            facecolors="none",
+            edgecolors="C2",
+            label="uniform anchors",
+        )
     ax.step([r.macs / 1e6 for r in front], [r.val_accuracy for r in front], where="post", color="C0", marker="o", label="Pareto front")
     ax.scatter([teacher["macs"] / 1e6], [teacher["val_accuracy"]], marker="*", s=140, color="C3", label="dense teacher")
-    ax.set_xlabel("MACs per image (millions)")
+    ax.set_xscale("log")  # fronts span two decades of MACs; the low end is where they differ
+    ax.set_xlabel("MACs per image (millions, log scale)")
     ax.set_ylabel("val accuracy (top-1)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -5,7 +5,6 @@ Ray, Optuna and MLflow are imported here (not at CLI start-up) so that `slimtune
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import yaml
 
 from search._helpers import format_count
 from search.front import SearchFront, front_of
+from search.knobs import anchor_points, resolve, search_space, trial_params
 from search.layout import Layout
 from search.space import Experiment, SpaceError, to_dict
 from search.tracking import PARETO_TAG, Tracker
@@ -24,7 +24,6 @@ from search.tracking import PARETO_TAG, Tracker
 __all__ = ["run_search", "SearchOutcome"]
 
 Log = Callable[[str], None]
-OBJECTIVES = {"val_accuracy": "max", "macs": "min"}
 
 
 @dataclass(frozen=True)
@@ -40,9 +39,6 @@ def _configure_ray_environment() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    # Per-epoch reports carry no `macs` (widths change between pruning rounds); only the final
-    # report holds both objectives, which is the one Optuna is told.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
 
 def _ensure_teacher(experiment: Experiment, layout: Layout, tracker: Tracker, parent_id: str, log: Log) -> Path:
@@ -86,105 +82,18 @@ def _ensure_teacher(experiment: Experiment, layout: Layout, tracker: Tracker, pa
     return directory
 
 
-def _budget_names(experiment: Experiment, groups: tuple[Any, ...]) -> list[str]:
-    """The keep-ratio knobs: groups and/or stages (groups too small to prune have none)."""
-    budgets = experiment.search.budgets
-    names: list[str] = []
-    if "group" in budgets.granularity:
-        names += [g.name for g in groups if g.channels > budgets.min_channels]
-    if "stage" in budgets.granularity:
-        names += sorted({g.stage for g in groups if g.channels > budgets.min_channels})
-    return names
-
-
-def _param_space(experiment: Experiment, groups: tuple[Any, ...]) -> dict[str, Any]:
-    """Only the knobs the space's choices can use; single choices stay out (the trial reads them)."""
-    from ray import tune
-
-    def domain(r: Any) -> Any:
-        return (tune.loguniform if r.log and r.low < r.high else tune.uniform)(r.low, r.high)
-
-    s = experiment.search
-    budgets = s.budgets
-    names = _budget_names(experiment, groups)
-    unknown = set(budgets.overrides) - set(names)
-    if unknown:
-        raise SpaceError(
-            f"search.budgets.overrides.{sorted(unknown)[0]}: no prunable group or stage of that name;"
-            f" valid: {', '.join(names)}"
-        )
-    space: dict[str, Any] = {"lr": domain(s.lr)}
-    if names:
-        space["keep"] = {name: domain(budgets.overrides.get(name, budgets.keep_ratio)) for name in names}
-    if "theta" in budgets.granularity:
-        space["theta"] = domain(budgets.theta)
-    if "global_percentile" in budgets.granularity:
-        space["percentile"] = domain(budgets.percentile)
-    for name, choices in (
-        ("parametrisation", budgets.granularity),
-        ("criterion", s.importance),
-        ("schedule", s.schedule),
-        ("teacher", s.teacher),
-    ):
-        if len(choices) > 1:
-            space[name] = tune.choice(list(choices))
-    if "target" in s.teacher:
-        space["kd_alpha"] = domain(s.kd_alpha)
-    if {"target", "source_classifier"} & set(s.teacher):
-        space["kd_temperature"] = domain(s.kd_temperature)
-    if "source_classifier" in s.teacher:
-        space["source_kd_weight"] = domain(s.source_kd_weight)
-    if "source_features" in s.teacher:
-        space["feature_weight"] = domain(s.feature_weight)
-    if s.l2sp_alpha.high > 0:
-        space["l2sp_alpha"] = domain(s.l2sp_alpha)
-    if s.bn_sparsity.high > 0:
-        space["bn_sparsity"] = domain(s.bn_sparsity)
-    if s.gating_density is not None:
-        space["density"] = {stage: domain(s.gating_density) for stage in sorted({g.stage for g in groups}) if stage != "classifier"}
-    return space
-
-
-def _midpoint(domain: Any) -> float:
-    """Middle of a Ray Tune float domain (geometric for log-uniform)."""
-    if type(domain.get_sampler()).__name__ == "_LogUniform":
-        return math.sqrt(domain.lower * domain.upper)
-    return (domain.lower + domain.upper) / 2
-
-
-def _anchor_points(experiment: Experiment, space: dict[str, Any]) -> list[dict[str, Any]]:
-    """Uniform-ratio trials (clipped into each knob's range), every other knob at its first choice
-    or range midpoint: the plain uniform-pruning baseline, in Optuna's flattened names."""
-    s = experiment.search
-    if "keep" not in space:
-        return []
-    points = []
-    for ratio in s.uniform_anchors[: s.num_trials]:
-        point: dict[str, Any] = {}
-        for name, domain in space.items():
-            if name == "keep":
-                for group, d in domain.items():
-                    point[f"keep/{group}"] = min(max(ratio, d.lower), d.upper)
-            elif isinstance(domain, dict):
-                point.update({f"{name}/{k}": _midpoint(d) for k, d in domain.items()})
-            elif hasattr(domain, "categories"):
-                point[name] = "group" if name == "parametrisation" and "group" in domain.categories else domain.categories[0]
-            else:
-                point[name] = _midpoint(domain)
-        points.append(point)
-    return points
-
-
-def _sampler(experiment: Experiment) -> Any:
+def _sampler(experiment: Experiment, *, startup: int) -> Any:
     import optuna
 
     s = experiment.search
+    if s.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=startup)
+    if s.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, multivariate=True, constant_liar=True, n_startup_trials=startup)
     if s.sampler == "nsga2":
         # Smaller generations than Optuna's default 50 so that a 16-trial search evolves at all.
         return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, s.num_trials // 2)), seed=s.seed)
-    return optuna.samplers.TPESampler(
-        seed=s.seed, multivariate=True, constant_liar=True, n_startup_trials=max(4, s.num_trials // 3)
-    )
+    return optuna.samplers.RandomSampler(seed=s.seed)
 
 
 def _progress_callback(total: int, log: Log) -> Any:
@@ -204,11 +113,18 @@ def _progress_callback(total: int, log: Log) -> Any:
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             r = trial.last_result
-            log(
-                f"[{self.done}/{total}] trial {trial.trial_id}: val acc {r['val_accuracy']:.3f},"
-                f" test acc {r['test_accuracy']:.3f}, {format_count(r['macs'])} MACs ({r['macs_ratio']:.2f}x teacher),"
-                f" proxy {r['proxy_accuracy']:.3f}, {self._elapsed(trial)}"
-            )
+            origin = f", from trial {r['start_from']}" if r.get("start_from") else ""
+            if r.get("final"):
+                log(
+                    f"[{self.done}/{total}] trial {trial.trial_id}: val acc {r['val_accuracy']:.3f},"
+                    f" test acc {r['test_accuracy']:.3f}, {format_count(r['macs'])} MACs ({r['macs_ratio']:.3f}x teacher),"
+                    f" proxy {r['proxy_accuracy']:.3f}{origin}, {self._elapsed(trial)}"
+                )
+            else:
+                log(
+                    f"[{self.done}/{total}] trial {trial.trial_id}: stopped after epoch {int(r.get('epoch', 0))}"
+                    f" (val acc {r.get('val_accuracy', float('nan')):.3f} at {r.get('macs_ratio', float('nan')):.3f}x MACs), {self._elapsed(trial)}"
+                )
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
@@ -217,31 +133,49 @@ def _progress_callback(total: int, log: Log) -> Any:
     return Progress()
 
 
-def _run_trials(
-    experiment: Experiment, layout: Layout, context: Any, space: dict[str, Any], *, study_name: str, log: Log
-) -> None:
+def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: Any, study_name: str, log: Log) -> Any:
+    """Run the trials; returns the searcher (its study, counts of epochs and skipped repeats)."""
     import optuna
     from ray import tune
-    from search.searcher import DistinctOptunaSearch
+
+    from pipelines.trial import can_start_from_trial
+    from search.scheduler import ParetoHalving
+    from search.searcher import OBJECTIVES, StudySearcher
     from search.trainable import run_tune_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = experiment.search
-    searcher = DistinctOptunaSearch(
-        metric=list(OBJECTIVES),
-        mode=list(OBJECTIVES.values()),
-        points_to_evaluate=_anchor_points(experiment, space),
-        sampler=_sampler(experiment),
+    groups = context.groups
+    anchors = anchor_points(experiment, groups, macs)
+
+    def can_warm_start(config: dict[str, Any]) -> bool:
+        return can_start_from_trial(trial_params(resolve(config, experiment, groups), experiment, groups))
+
+    study = optuna.create_study(
         study_name=study_name,
         storage=optuna.storages.RDBStorage(layout.optuna_storage),
+        sampler=_sampler(experiment, startup=max(2, len(anchors))),
+        directions=list(OBJECTIVES.values()),
+    )
+    searcher = StudySearcher(
+        study,
+        search_space(experiment, groups),
+        anchors=anchors,
+        trial_epochs=experiment.trial.epochs,
+        epoch_budget=s.epoch_budget,
+        can_warm_start=can_warm_start if s.warm_start == "front" else None,
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_tune_trial, context=context), {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
     )
     tuner = tune.Tuner(
         trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=s.num_trials, max_concurrent_trials=s.max_concurrent),
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=ParetoHalving(rungs=s.rungs, eta=s.eta) if s.rungs else None,
+            num_samples=s.num_trials,
+            max_concurrent_trials=s.max_concurrent,
+        ),
         run_config=tune.RunConfig(
             name=study_name,
             storage_path=str(layout.ray_storage),
@@ -250,13 +184,28 @@ def _run_trials(
             callbacks=[_progress_callback(s.num_trials, log)],
         ),
     )
-    log(f"search: {s.num_trials} trials, {s.max_concurrent} at a time, sampler {s.sampler} (seed {s.seed})")
+    halving = f", halving at epochs {s.rungs} (eta {s.eta:g})" if s.rungs else ""
+    budget = f", at most {s.epoch_budget} epochs" if s.epoch_budget else ""
+    log(
+        f"search: {s.num_trials} trials ({len(anchors)} uniform anchors first), {s.max_concurrent} at a time,"
+        f" sampler {s.sampler} (seed {s.seed}), warm start from {s.warm_start}{halving}{budget}"
+    )
     tuner.fit()
     if searcher.repeats_skipped:
         log(f"search: skipped {searcher.repeats_skipped} repeated configuration(s) the sampler proposed")
+    return searcher
 
 
-def _publish_front(tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout) -> None:
+def _end_unfinished(tracker: Tracker, parent_id: str) -> None:
+    """A trial process killed before its own `except` (a lost worker, a hard stop) leaves its run
+    RUNNING: end it KILLED, so that no run of the search stays RUNNING."""
+    for run in tracker.children(parent_id, role="trial"):
+        if run.status == "RUNNING":
+            tracker.set_tags(run.run_id, {"error": "the trial process ended without reporting a final status"})
+            tracker.end_run(run.run_id, "KILLED")
+
+
+def _publish_front(tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout, *, epochs: int) -> None:
     from search.report import front_csv, front_json, front_rows, plot_front
 
     members = {r.run_id for r in front.front}
@@ -267,10 +216,24 @@ def _publish_front(tracker: Tracker, parent_id: str, front: SearchFront, experim
     tracker.log_text(parent_id, front_json(rows), "front.json")
     if front.teacher is not None and front.finished:
         path = plot_front(
-            front.finished, rows, teacher=front.teacher.metrics, title=f"{experiment.name}: accuracy vs MACs", path=layout.directory / "front.png"
+            front.finished,
+            rows,
+            teacher=front.teacher.metrics,
+            anchors=front.anchors,
+            title=f"{experiment.name}: accuracy vs MACs",
+            path=layout.directory / "front.png",
         )
         tracker.log_artifact(parent_id, path)
-    tracker.log_metrics(parent_id, {"finished_trials": len(front.finished), "failed_trials": len(front.trials) - len(front.finished), "front_size": len(front.front)})
+    stopped = sum(r.status == "KILLED" for r in front.trials)
+    counts = {
+        "finished_trials": len(front.finished),
+        "stopped_trials": stopped,
+        "failed_trials": len(front.trials) - len(front.finished) - stopped,
+        "front_size": len(front.front),
+        "fine_tune_epochs": epochs,
+    }
+    volumes = {"hypervolume": front.hypervolume, "anchors_hypervolume": front.anchors_hypervolume}
+    tracker.log_metrics(parent_id, {**counts, **{k: v for k, v in volumes.items() if v is not None}})
 
 
 def run_search(
@@ -286,7 +249,7 @@ def run_search(
     import ray
 
     from pipelines.export import load_model
-    from pipelines.prune import prunable_groups
+    from pipelines.prune import macs_model, prunable_groups
     from search.trainable import TrialContext
 
     layout = Layout.at(output, experiment.name).make()
@@ -301,9 +264,11 @@ def run_search(
         tracker.log_text(parent_id, config_yaml, "config.yaml")
         tracker.log_params(parent_id, {"arch": experiment.model.arch, "num_trials": experiment.search.num_trials, "sampler": experiment.search.sampler})
         teacher_dir = _ensure_teacher(experiment, layout, tracker, parent_id, log)
-        teacher, _ = load_model(teacher_dir)
+        teacher, spec = load_model(teacher_dir)
+        tracker.log_params(parent_id, {"num_classes": len(spec["classes"])})
         try:
             groups = tuple(prunable_groups(teacher, image_size=experiment.data.image_size))
+            macs = macs_model(teacher, image_size=experiment.data.image_size)
         except Exception as error:  # Torch-Pruning cannot trace some architectures (e.g. channel shuffle)
             raise SpaceError(
                 f"model.arch: {experiment.model.arch} cannot be pruned structurally ({type(error).__name__}: {error});"
@@ -320,15 +285,20 @@ def run_search(
             config_yaml=config_yaml,
             groups=groups,
         )
-        space = _param_space(experiment, groups)  # before Ray starts: bad overrides fail fast
+        search_space(experiment, groups)  # before Ray starts: unknown keep names fail fast
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
-            _run_trials(experiment, layout, context, space, study_name=f"{experiment.name}-{stamp}", log=log)
+            searcher = _run_trials(experiment, layout, context, macs=macs, study_name=f"{experiment.name}-{stamp}", log=log)
         finally:
             ray.shutdown()
+            _end_unfinished(tracker, parent_id)
         front = front_of(tracker, tracker.get(parent_id))
-        _publish_front(tracker, parent_id, front, experiment, layout)
+        _publish_front(tracker, parent_id, front, experiment, layout, epochs=searcher.epochs_used)
+        if front.hypervolume is not None:
+            versus = f", uniform anchors alone {front.anchors_hypervolume:.3f}" if front.anchors_hypervolume is not None else ""
+            log(f"search: {searcher.epochs_used} fine-tune epochs; hypervolume {front.hypervolume:.3f} (test accuracy of the front){versus}")
         tracker.end_run(parent_id, "FINISHED")
+        front = front_of(tracker, tracker.get(parent_id))  # as stored: with the front tags and the search's metrics
     except KeyboardInterrupt:
         tracker.end_run(parent_id, "KILLED")
         raise

@@ -1,56 +1,146 @@
-"""The Ray Tune searcher: Optuna's, minus repeated configurations.
+"""The Ray Tune searcher: an Optuna study driven by ask/tell, with the knobs of `search.knobs`.
 
-NSGA-II's crossover of two equal parents (common in the small populations a 16-trial search
-uses) proposes a configuration that already ran: a whole trial spent on a known answer.
-`DistinctOptunaSearch` tells Optuna such a repeat failed (NSGA-II and TPE then ignore it) and asks
-again, under an alias id, so that every trial Ray starts is new. Imported lazily by `search.run`
-because it imports Ray.
+Ray's own `OptunaSearch` tells Optuna COMPLETE for a trial the scheduler stopped (its rung values
+then look like full-fidelity results) and builds its space from Tune domains under other names.
+This one:
+- asks the study for each trial (enqueued uniform anchors first), in the knobs' own names;
+- never hands out a configuration twice (NSGA-II's crossover of equal parents proposes repeats): a
+  repeat is told FAIL and the study is asked again, at most `retries` times in a row;
+- tells COMPLETE only for a trial whose final report arrived (`final` in the result), PRUNED with
+  the rung's values as user attrs for one the scheduler stopped, FAIL for one that raised;
+- marks the anchors (`anchor: true` in their config);
+- picks the model a trial starts from (`warm_start: front`): the finished front member with the
+  fewest MACs above the trial's target, passed as `start_from` (that trial's Ray id);
+- stops starting trials once the epoch budget (spent + still owed to running trials) is used up.
+Imported lazily by `search.run` because it imports Ray and Optuna.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from ray.tune.search.optuna import OptunaSearch
+import optuna
+from optuna.trial import TrialState
+from ray.tune.search import Searcher
 
-__all__ = ["DistinctOptunaSearch"]
+from search.pareto import Point, pareto_front
+
+__all__ = ["StudySearcher", "FinishedTrial", "choose_parent", "OBJECTIVES"]
+
+# The study's objectives, in the order Optuna stores them.
+OBJECTIVES = {"val_accuracy": "maximize", "macs": "minimize"}
 
 
-class DistinctOptunaSearch(OptunaSearch):
-    """`OptunaSearch` that never hands Ray a configuration it already handed out.
+@dataclass(frozen=True)
+class FinishedTrial:
+    trial_id: str
+    val_accuracy: float
+    macs_ratio: float
 
-    After `retries` repeats in a row it gives up and returns the repeat (a space with fewer
-    distinct points than trials, e.g. one categorical knob, must still finish).
-    """
 
-    def __init__(self, *args: Any, retries: int = 10, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._retries = retries
-        self._handed_out: set[str] = set()
-        self._asked_as: dict[str, str] = {}  # Ray's trial id -> the id Optuna's trial was asked under
+def choose_parent(finished: list[FinishedTrial], target: float) -> FinishedTrial | None:
+    """The front member (val accuracy vs MACs) with the fewest MACs above `target`, if any."""
+    points = [Point(key=t.trial_id, accuracy=t.val_accuracy, macs=t.macs_ratio) for t in finished]
+    above = [p for p in pareto_front(points) if p.macs > target]
+    if not above:
+        return None
+    chosen = min(above, key=lambda p: (p.macs, -p.accuracy))
+    return next(t for t in finished if t.trial_id == chosen.key)
+
+
+class StudySearcher(Searcher):
+    def __init__(
+        self,
+        study: optuna.Study,
+        space: dict[str, optuna.distributions.BaseDistribution],
+        *,
+        anchors: list[dict[str, Any]] = (),
+        trial_epochs: int,
+        epoch_budget: int | None = None,
+        can_warm_start: Callable[[dict[str, Any]], bool] | None = None,
+        retries: int = 10,
+    ) -> None:
+        super().__init__()
+        self.study = study
+        self.space = space
+        self.trial_epochs = trial_epochs
+        self.epoch_budget = epoch_budget
+        self.can_warm_start = can_warm_start  # None: every trial starts from the teacher
+        self.retries = retries
+        for point in anchors:
+            study.enqueue_trial(point, skip_if_exists=True)
+        self._anchor_keys = {_key(point) for point in anchors}
         self.repeats_skipped = 0
+        self._handed_out: set[str] = set()
+        self._trials: dict[str, optuna.trial.Trial] = {}  # Ray trial id -> its Optuna trial
+        self._epochs: dict[str, int] = {}  # Ray trial id -> fine-tune epochs it has reported
+        self._running: set[str] = set()
+        self.finished: list[FinishedTrial] = []
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # the study carries both objectives; the space comes from `search.knobs`
+
+    @property
+    def epochs_used(self) -> int:
+        return sum(self._epochs.values())
+
+    def _budget_left(self) -> bool:
+        if self.epoch_budget is None:
+            return True
+        owed = sum(self.trial_epochs - self._epochs.get(t, 0) for t in self._running)
+        return self.epochs_used + owed + self.trial_epochs <= self.epoch_budget
 
     def suggest(self, trial_id: str) -> dict | str | None:
-        asked_as = trial_id
-        config = super().suggest(asked_as)
-        for attempt in range(1, self._retries + 1):
-            if not isinstance(config, dict) or _key(config) not in self._handed_out:
+        if not self._budget_left():
+            return None if self._running else Searcher.FINISHED
+        trial = self.study.ask(fixed_distributions=self.space)
+        for _ in range(self.retries):
+            if _key(trial.params) not in self._handed_out:
                 break
-            super().on_trial_complete(asked_as, error=True)
+            self.study.tell(trial, state=TrialState.FAIL)
             self.repeats_skipped += 1
-            asked_as = f"{trial_id}-repeat{attempt}"
-            config = super().suggest(asked_as)
-        if isinstance(config, dict):
-            self._handed_out.add(_key(config))
-            self._asked_as[trial_id] = asked_as
+            trial = self.study.ask(fixed_distributions=self.space)
+        self._handed_out.add(_key(trial.params))
+        trial.set_user_attr("ray_trial_id", trial_id)
+        self._trials[trial_id] = trial
+        self._running.add(trial_id)
+        config = dict(trial.params)
+        if _key(trial.params) in self._anchor_keys:
+            config["anchor"] = True
+        if self.can_warm_start is not None and "target_macs" in config and self.can_warm_start(dict(trial.params)):
+            parent = choose_parent(self.finished, float(config["target_macs"]))
+            if parent is not None:
+                config["start_from"] = parent.trial_id
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        super().on_trial_result(self._asked_as.get(trial_id, trial_id), result)
+        if "epoch" in result:
+            self._epochs[trial_id] = max(self._epochs.get(trial_id, 0), int(result["epoch"]))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        super().on_trial_complete(self._asked_as.get(trial_id, trial_id), result=result, error=error)
+        trial = self._trials.get(trial_id)
+        self._running.discard(trial_id)
+        if trial is None:
+            return
+        result = result or {}
+        self.on_trial_result(trial_id, result)  # Tune passes a stopping result here, not to on_trial_result
+        for key in ("mlflow_run_id", "start_from"):
+            if key in result:
+                trial.set_user_attr(key, result[key])
+        if error:
+            self.study.tell(trial, state=TrialState.FAIL)
+        elif result.get("final"):
+            self.study.tell(trial, [float(result[name]) for name in OBJECTIVES])
+            if self.can_warm_start is not None and self.can_warm_start(dict(trial.params)):
+                self.finished.append(FinishedTrial(trial_id, float(result["val_accuracy"]), float(result["macs_ratio"])))
+        else:  # stopped by the scheduler: its rung values are partial, never a result
+            for name in ("epoch", "val_accuracy", "macs"):
+                if name in result:
+                    trial.set_user_attr(f"stopped_{name}", float(result[name]))
+            self.study.tell(trial, state=TrialState.PRUNED)
 
 
-def _key(config: dict) -> str:
-    return json.dumps(config, sort_keys=True, default=str)
+def _key(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=str)

@@ -10,10 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker", "RunRecord", "ROLE_TAG", "PARETO_TAG", "TRIAL_TAG"]
+__all__ = ["Tracker", "RunRecord", "ROLE_TAG", "PARETO_TAG", "TRIAL_TAG", "ANCHOR_TAG"]
 
 ROLE_TAG = "slimtune.role"  # search | teacher | trial
 TRIAL_TAG = "slimtune.trial_id"
+ANCHOR_TAG = "slimtune.anchor"  # "true" on the uniform-allocation anchor trials
 PARETO_TAG = "pareto"
 _PARENT_TAG = "mlflow.parentRunId"
 

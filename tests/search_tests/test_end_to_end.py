@@ -64,13 +64,20 @@ def test_parent_teacher_and_trial_runs_are_logged(searched: dict) -> None:
         assert run.status == "FINISHED"
         keep = {k for k in run.params if k.startswith("keep.")}
         assert keep == {f"keep.stride_{s}" for s in (2, 4, 8, 16, 32)}  # one knob per stage of mobilenet_v2
-        assert {"lr", "kd.alpha", "kd.temperature", "criterion", "schedule"} <= run.params.keys()
-        for metric in ("val_accuracy", "test_accuracy", "proxy_accuracy", "macs", "params", "loss_ce", "loss_kd", "loss_total"):
+        # Knobs under their space names, plus what the trial started from.
+        assert {"lr", "kd_alpha", "kd_temperature", "criterion", "schedule", "parametrisation", "start_from"} <= run.params.keys()
+        for metric in ("val_accuracy", "test_accuracy", "proxy_accuracy", "macs", "params", "loss_ce", "loss_kd", "loss_total", "keep_mean"):
             assert metric in run.metrics, metric
         assert 0 < run.metrics["macs"] <= teacher.metrics["macs"]
-        history = tracker.client.get_metric_history(run.run_id, "val_accuracy")
-        assert {m.step for m in history} == {1, 2}  # one value per epoch
+        for metric in ("val_accuracy", "macs"):  # MACs from the first epoch on, for the scheduler
+            history = tracker.client.get_metric_history(run.run_id, metric)
+            assert {m.step for m in history} >= {1, 2}, metric
         assert run.tags[PARETO_TAG] in ("true", "false")
+    anchors = [r for r in trials if r.tags.get("slimtune.anchor") == "true"]
+    assert len(anchors) == 3  # num_trials 3 < the four default anchors: the three largest run
+    assert len({r.params["keep.stride_2"] for r in anchors}) == 3  # one uniform ratio each, all different
+    assert 0 < search.metrics["hypervolume"] < 1 and search.metrics["anchors_hypervolume"] == search.metrics["hypervolume"]
+    assert search.metrics["fine_tune_epochs"] == 6
 
 
 def test_pareto_command_lists_tagged_front(searched: dict) -> None:

@@ -2,9 +2,12 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 
+from search.front import front_hypervolume
 from search.pareto import Point, hypervolume, pareto_front
+from search.tracking import RunRecord
 
 
 def _p(key: str, accuracy: float, macs: float, finished: bool = True) -> Point:
@@ -142,3 +145,31 @@ def test_hypervolume_grows_when_a_point_is_added() -> None:
 def test_hypervolume_reference_is_keyword_only() -> None:
     with pytest.raises(TypeError):
         hypervolume([_p("a", 0.9, 50)], 100)  # type: ignore[misc]
+
+
+def test_hypervolume_above_chance_matches_the_hand_computed_front_and_optuna() -> None:
+    """SEARCH.md's example: (0.2, 0.70), (0.5, 0.80), (1.0, 0.88) with 10 classes: 0.6 * 0.3 + 0.7 * 0.5."""
+    from optuna._hypervolume import compute_hypervolume
+
+    front = [_p("a", 0.70, 0.2), _p("b", 0.80, 0.5), _p("c", 0.88, 1.0)]
+    assert hypervolume(front, reference_macs=1.0, floor=0.1) == pytest.approx(0.53)
+    losses = np.array([[p.macs, 1 - p.accuracy] for p in front])
+    assert compute_hypervolume(losses, np.array([1.0, 0.9])) == pytest.approx(0.53)
+
+
+def test_points_below_chance_add_nothing() -> None:
+    assert hypervolume([_p("a", 0.05, 0.2), _p("b", 0.6, 0.5)], reference_macs=1.0, floor=0.1) == pytest.approx(0.25)
+
+
+def _run(key: str, val: float, test: float, macs: float, status: str = "FINISHED") -> RunRecord:
+    metrics = {"val_accuracy": val, "test_accuracy": test, "macs": macs, "params": 1.0}
+    return RunRecord(run_id=key, name=key, status=status, metrics=metrics, params={}, tags={})
+
+
+def test_front_hypervolume_selects_on_val_and_measures_on_test() -> None:
+    runs = [
+        _run("a", val=0.90, test=0.80, macs=50),
+        _run("b", val=0.85, test=0.95, macs=60),  # dominated on val: its better test accuracy must not count
+        _run("c", val=0.95, test=0.90, macs=80, status="KILLED"),  # stopped early: never on the front
+    ]
+    assert front_hypervolume(runs, teacher_macs=100, chance=0.1) == pytest.approx((0.80 - 0.1) * 0.5)

@@ -5,19 +5,27 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution
+from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
+from ray.tune.search import Searcher
 
-from search.searcher import DistinctOptunaSearch
+from search.searcher import FinishedTrial, StudySearcher, choose_parent
 
 SPACE = {"x": CategoricalDistribution(["a", "b", "c"])}
 
 
-def searcher(*, retries: int = 10, space: dict | None = SPACE) -> DistinctOptunaSearch:
+def searcher(*, space: dict = SPACE, retries: int = 10, **kwargs) -> StudySearcher:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return DistinctOptunaSearch(
-        space=space, metric=["acc", "macs"], mode=["max", "min"], sampler=optuna.samplers.RandomSampler(seed=0), retries=retries
-    )
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    return StudySearcher(study, space, trial_epochs=kwargs.pop("trial_epochs", 2), retries=retries, **kwargs)
+
+
+def final(acc: float = 0.5, macs: float = 1.0, ratio: float = 0.5) -> dict:
+    return {"final": True, "val_accuracy": acc, "macs": macs, "macs_ratio": ratio}
+
+
+def states(search: StudySearcher) -> list[TrialState]:
+    return [t.state for t in search.study.trials]
 
 
 def test_every_handed_out_configuration_is_new_and_repeats_are_failed_in_optuna() -> None:
@@ -25,10 +33,9 @@ def test_every_handed_out_configuration_is_new_and_repeats_are_failed_in_optuna(
     configs = [search.suggest(f"t{i}") for i in range(3)]
     assert sorted(c["x"] for c in configs) == ["a", "b", "c"]
     for i in range(3):
-        search.on_trial_complete(f"t{i}", result={"acc": 0.5, "macs": 1.0})
-    states = [t.state for t in search._ot_study.trials]
-    assert states.count(TrialState.COMPLETE) == 3
-    assert states.count(TrialState.FAIL) == search.repeats_skipped > 0  # seed 0 repeats at least once
+        search.on_trial_complete(f"t{i}", result=final())
+    assert states(search).count(TrialState.COMPLETE) == 3
+    assert states(search).count(TrialState.FAIL) == search.repeats_skipped > 0  # seed 0 repeats at least once
 
 
 @pytest.mark.parametrize("retries", [0, 2])
@@ -39,8 +46,82 @@ def test_an_exhausted_space_still_gets_a_configuration(retries: int) -> None:
     skipped = search.repeats_skipped
     assert search.suggest("more")["x"] in {"a", "b", "c"}  # a repeat, after `retries` failed asks
     assert search.repeats_skipped - skipped == retries
-    search.on_trial_complete("more", result={"acc": 0.5, "macs": 1.0})
-    assert search._ot_study.trials[-1].state == TrialState.COMPLETE
+    search.on_trial_complete("more", result=final())
+    assert search.study.trials[-1].state == TrialState.COMPLETE
+
+
+def test_anchors_come_first_in_order_and_are_marked() -> None:
+    space = {"target_macs": FloatDistribution(0.01, 1.0, log=True)}
+    anchors = [{"target_macs": 0.5}, {"target_macs": 0.1}]
+    search = searcher(space=space, anchors=anchors)
+    first, second, third = (search.suggest(f"t{i}") for i in range(3))
+    assert first == {"target_macs": 0.5, "anchor": True} and second == {"target_macs": 0.1, "anchor": True}
+    assert "anchor" not in third
+
+
+@pytest.mark.parametrize(
+    ("result", "error", "state"),
+    [
+        (final(), False, TrialState.COMPLETE),
+        ({"epoch": 1, "val_accuracy": 0.4, "macs": 2.0}, False, TrialState.PRUNED),  # stopped at a rung
+        ({"epoch": 1, "val_accuracy": 0.4, "macs": 2.0}, True, TrialState.FAIL),
+        (None, True, TrialState.FAIL),
+    ],
+    ids=["finished", "stopped", "raised-after-a-report", "raised"],
+)
+def test_optuna_state_follows_how_the_trial_ended(result: dict | None, error: bool, state: TrialState) -> None:
+    search = searcher()
+    search.suggest("t0")
+    search.on_trial_complete("t0", result=result, error=error)
+    (trial,) = search.study.trials
+    assert trial.state == state
+    if state == TrialState.PRUNED:
+        assert trial.values is None  # partial values never reach the samplers or the front
+        assert trial.user_attrs["stopped_epoch"] == 1.0 and trial.user_attrs["stopped_val_accuracy"] == 0.4
+    if state == TrialState.COMPLETE:
+        assert trial.values == [0.5, 1.0]
+
+
+def test_epoch_budget_counts_epochs_owed_to_running_trials() -> None:
+    space = {"x": FloatDistribution(0.0, 1.0)}
+    search = searcher(space=space, trial_epochs=4, epoch_budget=10)
+    assert isinstance(search.suggest("a"), dict) and isinstance(search.suggest("b"), dict)
+    assert search.suggest("c") is None  # 0 spent + 8 owed + 4 > 10: wait for a running trial
+    search.on_trial_result("a", {"epoch": 1})
+    search.on_trial_complete("a", result={"epoch": 1, "val_accuracy": 0.1, "macs": 1.0})  # stopped after 1 epoch
+    assert isinstance(search.suggest("c"), dict)  # 1 spent + 4 owed by b + 4 <= 10
+    for trial in ("b", "c"):
+        search.on_trial_result(trial, {"epoch": 4})
+        search.on_trial_complete(trial, result=final())
+    assert search.epochs_used == 9
+    assert search.suggest("d") == Searcher.FINISHED  # nothing running, and 9 + 4 > 10
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [(0.05, "small"), (0.15, "mid"), (0.3, "big"), (0.9, None), (0.1, "mid")],
+)
+def test_choose_parent_takes_the_front_member_with_fewest_macs_above_the_target(target: float, expected: str | None) -> None:
+    finished = [
+        FinishedTrial("big", val_accuracy=0.95, macs_ratio=0.5),
+        FinishedTrial("mid", val_accuracy=0.90, macs_ratio=0.2),
+        FinishedTrial("dominated", val_accuracy=0.80, macs_ratio=0.25),  # worse and larger than "mid"
+        FinishedTrial("small", val_accuracy=0.85, macs_ratio=0.1),
+    ]
+    chosen = choose_parent(finished, target)
+    assert (chosen.trial_id if chosen else None) == expected
+
+
+def test_target_trials_start_from_a_finished_parent_when_warm_start_allows() -> None:
+    space = {"target_macs": FloatDistribution(0.01, 1.0, log=True)}
+    search = searcher(space=space, anchors=[{"target_macs": 0.5}, {"target_macs": 0.1}], can_warm_start=lambda config: True)
+    assert "start_from" not in search.suggest("a")  # nothing has finished yet: from the teacher
+    search.on_trial_complete("a", result=final(acc=0.9, ratio=0.5))
+    assert search.suggest("b")["start_from"] == "a"
+    refusing = searcher(space=space, anchors=[{"target_macs": 0.5}, {"target_macs": 0.1}], can_warm_start=lambda config: False)
+    refusing.suggest("a")
+    refusing.on_trial_complete("a", result=final(acc=0.9, ratio=0.5))
+    assert "start_from" not in refusing.suggest("b")
 
 
 def test_inside_ray_tune_each_trial_runs_a_distinct_configuration(tmp_path: Path) -> None:
@@ -48,21 +129,22 @@ def test_inside_ray_tune_each_trial_runs_a_distinct_configuration(tmp_path: Path
     from ray import tune
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    search = searcher(space=None)  # as search.run builds it: the space comes from the Tuner
+    search = searcher()
 
-    def trainable(config: dict) -> dict:
-        return {"acc": {"a": 0.1, "b": 0.2, "c": 0.3}[config["x"]], "macs": 1.0}
+    def trainable(config: dict) -> None:  # self-contained: Ray pickles it to a worker without this module
+        tune.report({"epoch": 1, "val_accuracy": 0.0, "macs": 1.0})
+        tune.report({"final": True, "val_accuracy": {"a": 0.1, "b": 0.2, "c": 0.3}[config["x"]], "macs": 1.0, "macs_ratio": 1.0})
 
     ray.init(num_cpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         results = tune.Tuner(
             trainable,
-            param_space={"x": tune.choice(["a", "b", "c"])},
             tune_config=tune.TuneConfig(search_alg=search, num_samples=3, max_concurrent_trials=1),
             run_config=tune.RunConfig(storage_path=str(tmp_path), verbose=0),
         ).fit()
     finally:
         ray.shutdown()
     assert sorted(r.config["x"] for r in results) == ["a", "b", "c"]
-    assert sorted(r.metrics["acc"] for r in results) == [0.1, 0.2, 0.3]
+    assert sorted(t.values[0] for t in search.study.trials if t.state == TrialState.COMPLETE) == [0.1, 0.2, 0.3]
     assert search.repeats_skipped > 0  # the sampler did repeat itself, and Tune used this very searcher
+    assert search.epochs_used == 3

@@ -61,14 +61,18 @@ def test_relative_data_path_is_made_absolute(
         ("trial.bn_recalibration_batches", 10),
         ("search.num_trials", 16),
         ("search.max_concurrent", 2),
-        ("search.sampler", "nsga2"),
+        ("search.sampler", "gp"),
         ("search.seed", 0),
         ("search.cpus_per_trial", 1),
         ("search.gpus_per_trial", 0),
         ("search.importance", ["l1"]),
-        ("search.budgets.granularity", ["group"]),
+        ("search.budgets.granularity", ["target"]),
+        ("search.budgets.target_macs", Range(0.005, 0.8, log=True)),
         ("search.budgets.keep_ratio", Range(0.1, 1.0)),
-        ("search.budgets.overrides", {}),
+        ("search.budgets.keep", {}),
+        ("search.warm_start", "front"),
+        ("search.rungs", []),
+        ("search.epoch_budget", None),
         ("search.lr", Range(3e-4, 3e-3, log=True)),
         ("search.kd_alpha", Range(0.0, 1.0)),
         ("search.kd_temperature", Range(1.0, 8.0)),
@@ -161,8 +165,8 @@ def test_int_accepted_for_float_field(raw: dict[str, Any]) -> None:
         ("data.image_size", 1024, "data.image_size", 1024),
         ("search.sampler", "tpe", "search.sampler", "tpe"),
         ("search.budgets.granularity", "stage", "search.budgets.granularity", ["stage"]),
-        ("search.budgets.overrides", {"features.0.0": 1.0}, "search.budgets.overrides", {"features.0.0": Range(1.0, 1.0)}),
-        ("search.budgets.overrides", {"classifier": [0.5, 1]}, "search.budgets.overrides", {"classifier": Range(0.5, 1.0)}),
+        ("search.budgets.keep", {"features.0.0": 1.0}, "search.budgets.keep", {"features.0.0": Range(1.0, 1.0)}),
+        ("search.budgets.keep", {"classifier": [0.5, 1]}, "search.budgets.keep", {"classifier": Range(0.5, 1.0)}),
         ("search.budgets.keep_ratio", 1, "search.budgets.keep_ratio", Range(1.0, 1.0)),
         ("search.kd_alpha", 0, "search.kd_alpha", Range(0.0, 0.0)),
         ("search.kd_temperature", 100, "search.kd_temperature", Range(100.0, 100.0)),
@@ -180,10 +184,10 @@ def test_valid_field(raw: dict[str, Any], tmp_path: Path, dotted: str, value: An
     assert parsed == expected
 
 
-def test_overrides_keys_with_dots_are_kept_whole(raw: dict[str, Any]) -> None:
-    raw["search"] = {"budgets": {"overrides": {"features.0.0": 1.0, "features.1": 0.5}}}
-    overrides = parse_space(raw).search.budgets.overrides
-    assert set(overrides) == {"features.0.0", "features.1"}
+def test_keep_keys_with_dots_are_kept_whole(raw: dict[str, Any]) -> None:
+    raw["search"] = {"budgets": {"keep": {"features.0.0": 1.0, "features.1": 0.5}}}
+    keep = parse_space(raw).search.budgets.keep
+    assert set(keep) == {"features.0.0", "features.1"}
 
 
 def test_parse_does_not_mutate_input(raw: dict[str, Any]) -> None:
@@ -258,9 +262,10 @@ def _quickstart_copy(tmp_path: Path) -> Path:
         ("teacher.lr", 1e-3),
         ("trial.epochs", 4),
         ("search.num_trials", 16),
-        ("search.sampler", "nsga2"),
-        ("search.budgets.keep_ratio", Range(0.1, 1.0)),
-        ("search.lr", Range(3e-4, 3e-3, log=True)),
+        ("search.sampler", "gp"),
+        ("search.importance", ["activation"]),
+        ("search.budgets.granularity", ["target"]),
+        ("search.lr", Range(1e-3, 1e-3)),
         ("search.kd_temperature", Range(1.0, 8.0)),
     ],
 )
@@ -309,7 +314,7 @@ def test_smoke_shrinks(experiment: Experiment, attribute: str, expected: Any) ->
 
 @pytest.mark.parametrize(
     ("attribute", "expected"),
-    [("name", "t"), ("model", ModelConfig()), ("search.sampler", "nsga2"), ("search.lr", Range(3e-4, 3e-3, log=True))],
+    [("name", "t"), ("model", ModelConfig()), ("search.sampler", "gp"), ("search.lr", Range(3e-4, 3e-3, log=True))],
 )
 def test_smoke_keeps_the_rest(experiment: Experiment, attribute: str, expected: Any) -> None:
     value: Any = experiment.smoke()
@@ -382,7 +387,7 @@ def _custom_raw(raw: dict[str, Any]) -> dict[str, Any]:
     raw["search"] = {
         "sampler": "tpe",
         "gpus_per_trial": 0.5,
-        "budgets": {"granularity": "stage", "keep_ratio": 0.5, "overrides": {"features.0.0": 1.0}},
+        "budgets": {"granularity": "stage", "keep_ratio": 0.5, "keep": {"features.0.0": 1.0}},
         "lr": {"low": 1e-4, "high": 1e-2, "log": True},
         "kd_alpha": 0,
     }
