@@ -73,6 +73,8 @@ VARIANTS: dict[str, Callable[[dict], dict]] = {
     "gp, 16 x 4": lambda raw: _set(raw, sampler="gp"),
     "tpe, 16 x 4": lambda raw: _set(raw, sampler="tpe"),
     "nsga2, 16 x 4": lambda raw: _set(raw, sampler="nsga2"),
+    "gp, 16 x 4, 12 on a MACs grid": lambda raw: _set(raw, sampler="gp", target_grid=12),
+    "random search, 16 x 4, 12 on a MACs grid": lambda raw: _set(raw, sampler="random", target_grid=12),
     "gp, 16 x 4, no warm start": lambda raw: _set(raw, sampler="gp", warm_start="teacher"),
     "gp, 8 x 8": lambda raw: _epochs(_set(raw, sampler="gp", num_trials=8), 8),
     "gp + halving at 2 and 4 of 8 epochs, 64 epochs": lambda raw: _epochs(

@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from pipelines.device import device_of
+
 OutputHook = Callable[[nn.Module, torch.Tensor], None]
 
 
@@ -16,7 +18,7 @@ def probe_forward(model: nn.Module, modules: Iterable[nn.Module], hook: OutputHo
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, 3, image_size, image_size))
+        model(torch.zeros(1, 3, image_size, image_size, device=device_of(model)))
     finally:
         for handle in handles:
             handle.remove()

@@ -28,6 +28,7 @@ class FinetuneConfig:
     weight_decay: float = 0.05
     bn_recalibration_batches: int = 10  # EagleEye: re-estimate BN statistics before scoring a pruned net
     seed: int = 0
+    amp: bool = True  # bf16 autocast on CUDA (about 2x the throughput of fp32); no effect on the CPU
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device | str) -> Split:
+        return Split(images=self.images.to(device), labels=self.labels.to(device))
+
 
 @dataclass(frozen=True)
 class Splits:
@@ -46,6 +49,10 @@ class Splits:
     val: Split
     test: Split
     classes: tuple[str, ...]
+
+    def to(self, device: torch.device | str) -> Splits:
+        """Every split on `device` once, so that batches never cross the host-device boundary."""
+        return Splits(train=self.train.to(device), val=self.val.to(device), test=self.test.to(device), classes=self.classes)
 
 
 def prepare_animal_mnist(root: str | Path) -> Path:
@@ -110,9 +117,9 @@ def load_data(config: DataConfig) -> Splits:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> ImageNet-normalised float, channels_last (about 2x faster on CPU)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    """uint8 N x 3 x H x W -> ImageNet-normalised float, channels_last (about 2x faster on CPU), on the images' device."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     x = (images.float() / 255.0 - mean) / std
     return x.contiguous(memory_format=torch.channels_last)
 
@@ -120,13 +127,15 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 def batches(
     split: Split, *, batch_size: int, shuffle: bool = False, seed: int = 0, flip: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels, indices into the split); `flip` mirrors a random half of each batch."""
+    """Yield (images, labels, indices into the split), all on the split's device; `flip` mirrors a
+    random half of each batch. The order comes from a CPU generator: the same on every device."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
+    device = split.images.device
     for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
+        index = order[start : start + batch_size].to(device)
         images = split.images[index]
         if flip:
-            mirrored = torch.rand(len(index), generator=generator) < 0.5
+            mirrored = (torch.rand(len(index), generator=generator) < 0.5).to(device)
             images = torch.where(mirrored.view(-1, 1, 1, 1), images.flip(-1), images)
         yield normalize(images), split.labels[index], index

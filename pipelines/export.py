@@ -62,7 +62,7 @@ def save_model(model: nn.Module, directory: str | Path, *, arch: str, metadata: 
     """Write `model.safetensors` and `channel_spec.json` (arch, layer widths, `metadata`) to `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(tensors, directory / MODEL_FILE)
     spec = {**metadata, "version": SPEC_VERSION, "arch": arch, "layers": channel_spec(model)}
     gates = gate_spec(model)

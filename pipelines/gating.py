@@ -325,7 +325,7 @@ def fit_predictors(model: nn.Module, batches: Iterable, *, ridge: float = 1e-3) 
         x, y = torch.cat(pooled[name]), torch.cat(read[name])
         x = torch.cat([x, x.new_ones(len(x), 1)], dim=1)
         gram = x.T @ x
-        gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
         solution = torch.linalg.solve(gram, x.T @ y)
         gate.predictor.weight.copy_(solution[:-1].T)
         gate.predictor.bias.copy_(solution[-1])

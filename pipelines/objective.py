@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines.data import Split, batches
+from pipelines.device import device_of
 from pipelines.distill import DistillBatch, attach_extra_head, build_objective, delta_channel_weights
 from pipelines.models import head_name
 from pipelines.sources import FeatureTap, SourceNet, kept_channels
@@ -29,7 +30,7 @@ def delta_weights(teacher: nn.Module, layers: list[str], train: Split, *, direct
     if path.exists():
         return load_file(path)
     probe = [(x, y) for x, y, _ in batches(train, batch_size=batch_size, shuffle=True, seed=0)][:1]
-    weights = {k: v.contiguous() for k, v in delta_channel_weights(teacher, layers, probe).items()}
+    weights = {k: v.cpu().contiguous() for k, v in delta_channel_weights(teacher, layers, probe).items()}
     temporary = path.with_suffix(f".{torch.randint(1 << 30, ()).item()}.tmp")
     save_file(weights, temporary)
     temporary.replace(path)  # atomic: concurrent trials may race to write the same weights
@@ -79,11 +80,11 @@ def make_objective(
         cleanups.append(tap.remove)
         context["channels"] = {name: len(index) for name, index in kept.items()}
         if "delta" in losses:
-            context["channel_weights"] = {name: delta[name][index] for name, index in kept.items()}
+            context["channel_weights"] = {name: delta[name].to(index.device)[index] for name, index in kept.items()}
     if source is not None and tap is None:
         tap = FeatureTap(student, [])
         cleanups.append(tap.remove)
-    objective = build_objective(losses, class_weights=class_weights, **context)
+    objective = build_objective(losses, class_weights=class_weights, **context).to(device_of(student))
     extras += list(objective.parameters())
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:

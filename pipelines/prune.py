@@ -17,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from pipelines._helpers import probe_forward
+from pipelines.device import device_of
 from pipelines.importance import group_scores, module_scores
 from pipelines.macs import LayerCost, MacsModel, layer_macs
 from pipelines.models import head_name
@@ -46,7 +47,8 @@ class Group:
 def _dependency_graph(model: nn.Module, image_size: int) -> tp.DependencyGraph:
     was_training = model.training  # build_dependency leaves the model in eval mode
     try:
-        return tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, 3, image_size, image_size))
+        example = torch.zeros(1, 3, image_size, image_size, device=device_of(model))
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example)
     finally:
         model.train(was_training)
 

@@ -88,8 +88,8 @@ class FeatureTap:
 class SourceNet:
     """The frozen pretrained ImageNet classifier: 1000-way logits and stage-output features."""
 
-    def __init__(self, config: ModelConfig, *, layers: list[str]) -> None:
-        self.model = build_model(config, num_classes=None).eval().to(memory_format=torch.channels_last)
+    def __init__(self, config: ModelConfig, *, layers: list[str], device: torch.device | str = "cpu") -> None:
+        self.model = build_model(config, num_classes=None).eval().to(device, memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.layers = layers

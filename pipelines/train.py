@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.data import Split, batches
+from pipelines.device import autocast, device_of
 
 __all__ = ["train_one_epoch", "evaluate", "recalibrate_bn", "predict_logits", "make_optimizer"]
 
@@ -40,35 +41,50 @@ def train_one_epoch(
     batch_size: int,
     seed: int,
     flip: bool = False,
+    amp: bool = False,
 ) -> dict[str, float]:
-    """One pass over `split`; returns the mean of every loss part. Raises FloatingPointError on NaN."""
+    """One pass over `split` (on the model's device); returns the mean of every loss part.
+
+    `amp`: bf16 autocast on CUDA. Loss parts stay on the device and are read once per epoch; the
+    loss is checked for NaN/inf before every step on the CPU, every 32 steps on a GPU (a check is a
+    host synchronisation), and FloatingPointError is raised.
+    """
     model.train()
-    sums: dict[str, float] = {}
+    device = device_of(model)
+    check_every = 1 if device.type == "cpu" else 32
+    sums: dict[str, torch.Tensor] = {}
     steps = 0
     for images, labels, index in batches(split, batch_size=batch_size, shuffle=True, seed=seed, flip=flip):
-        parts = loss_fn(model(images), labels, index)
+        with autocast(device, enabled=amp):
+            parts = loss_fn(model(images), labels, index)
         total = parts["total"]
-        if not math.isfinite(total.item()):
+        if steps % check_every == 0 and not torch.isfinite(total).item():
             raise FloatingPointError(f"loss is {total.item()} at step {steps}; try a lower lr")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
         scheduler.step()
         for name, value in parts.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
         steps += 1
-    return {name: value / max(1, steps) for name, value in sums.items()}
+    means = {name: float(value) / max(1, steps) for name, value in sums.items()}
+    if "total" in means and not math.isfinite(means["total"]):
+        raise FloatingPointError(f"loss was {means['total']} in this epoch; try a lower lr")
+    return means
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 256) -> torch.Tensor:
+def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 256, amp: bool = False) -> torch.Tensor:
+    """Float32 logits of every image of `split`, on the model's device."""
     model.eval()
-    return torch.cat([model(images) for images, _, _ in batches(split, batch_size=batch_size)])
+    device = device_of(model)
+    with autocast(device, enabled=amp):
+        return torch.cat([model(images).float() for images, _, _ in batches(split, batch_size=batch_size)])
 
 
-def evaluate(model: nn.Module, split: Split, *, batch_size: int = 256) -> float:
+def evaluate(model: nn.Module, split: Split, *, batch_size: int = 256, amp: bool = False) -> float:
     """Top-1 accuracy on `split`."""
-    predictions = predict_logits(model, split, batch_size=batch_size).argmax(dim=1)
+    predictions = predict_logits(model, split, batch_size=batch_size, amp=amp).argmax(dim=1)
     return (predictions == split.labels).float().mean().item()
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from pipelines.budgets import BudgetInputs, keep_counts
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
 from pipelines.data import IMAGENET_MEAN, IMAGENET_STD, Split, Splits, batches, load_data
+from pipelines.device import pick_device
 from pipelines.export import load_model, save_model
 from pipelines.importance import ScoringData, module_scores
 from pipelines.macs import count_macs
@@ -46,6 +47,7 @@ def _finish(
     arch: str,
     output_dir: Path,
     extra: dict[str, float],
+    amp: bool,
     macs_inputs: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Evaluate, count MACs (expected over `macs_inputs` for gated models), export; returns the
@@ -53,8 +55,8 @@ def _finish(
     complexity = count_macs(model, image_size=data.image_size, **({"inputs": macs_inputs} if macs_inputs is not None else {}))
     metrics = {
         **extra,
-        "val_accuracy": evaluate(model, splits.val),
-        "test_accuracy": evaluate(model, splits.test),
+        "val_accuracy": evaluate(model, splits.val, amp=amp),
+        "test_accuracy": evaluate(model, splits.test, amp=amp),
         "macs": float(complexity.macs),
         "params": float(complexity.params),
     }
@@ -103,8 +105,9 @@ def _fit(
             batch_size=finetune.batch_size,
             seed=finetune.seed * 1000 + epoch,
             flip=flip,
+            amp=finetune.amp,
         )
-        val = evaluate(model, splits.val)
+        val = evaluate(model, splits.val, amp=finetune.amp)
         if on_epoch_end is not None:
             on_epoch_end({"epoch": epoch, **{f"loss_{k}": v for k, v in parts.items()}, "val_accuracy": val})
     return val
@@ -116,23 +119,28 @@ def train_teacher(
     model: ModelConfig,
     finetune: FinetuneConfig,
     output_dir: str | Path,
+    splits: Splits | None = None,
+    device: str | torch.device | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> dict[str, float]:
     """Fine-tune the pretrained model on the target train split (the dense teacher) and export it.
 
     Also stores the teacher's logits on the train split, so trials distil without running it, and
     every conv/linear weight after each epoch (float16), for TASCNet's trajectory criterion.
+    `splits`: the data already decoded (`load_data(data)`), e.g. sent by the driver. `device`:
+    see `pipelines.device.pick_device` (default: CUDA when visible).
     """
     torch.manual_seed(finetune.seed)
-    splits = load_data(data)
-    net = build_model(model, num_classes=len(splits.classes)).to(memory_format=torch.channels_last)
+    device = pick_device(device)
+    splits = (splits or load_data(data)).to(device)
+    net = build_model(model, num_classes=len(splits.classes)).to(device, memory_format=torch.channels_last)
     output_dir = Path(output_dir)
     trajectory: dict[str, list[torch.Tensor]] = {}
 
     def record_weights(metrics: dict[str, float]) -> None:
         for name, module in net.named_modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
-                trajectory.setdefault(name, []).append(module.weight.detach().half().contiguous())
+                trajectory.setdefault(name, []).append(module.weight.detach().half().cpu().contiguous())
         if on_epoch_end is not None:
             on_epoch_end(metrics)
 
@@ -147,8 +155,8 @@ def train_teacher(
         flip=True,
         on_epoch_end=record_weights,
     )
-    metrics = _finish(net, splits, data=data, arch=model.arch, output_dir=output_dir, extra={})
-    save_file({"logits": predict_logits(net, splits.train).contiguous()}, output_dir / TEACHER_LOGITS_FILE)
+    metrics = _finish(net, splits, data=data, arch=model.arch, output_dir=output_dir, extra={}, amp=finetune.amp)
+    save_file({"logits": predict_logits(net, splits.train).cpu().contiguous()}, output_dir / TEACHER_LOGITS_FILE)
     save_file({name: torch.stack(w) for name, w in trajectory.items()}, output_dir / TRAJECTORY_FILE)
     return metrics
 
@@ -162,7 +170,7 @@ def _weight_snapshots(student: nn.Module, teacher_dir: Path) -> list[nn.Module]:
         snapshot = copy.deepcopy(student)
         for name, module in snapshot.named_modules():
             if name in trajectory:
-                module.weight.data.copy_(trajectory[name][epoch].float())
+                module.weight.data.copy_(trajectory[name][epoch].to(module.weight))
         snapshots.append(snapshot)
     return snapshots
 
@@ -199,10 +207,14 @@ def run_trial(
     teacher_dir: str | Path,
     output_dir: str | Path,
     start_from: str | Path | None = None,
+    splits: Splits | None = None,
+    device: str | torch.device | None = None,
     on_epoch_end: EpochCallback | None = None,
 ) -> dict[str, float]:
     """Prune the teacher as `params` say, fine-tune it with the chosen losses, evaluate and export it.
 
+    `splits`: the data already decoded (`load_data(data)`), e.g. sent by the driver. `device`: see
+    `pipelines.device.pick_device` (default: CUDA when visible, as Ray assigns it).
     `start_from`: an exported, smaller model of the same teacher (an earlier trial's) to prune
     further instead of the teacher; channel counts are still those `params` give for the teacher,
     capped by what that model has. Not with losses that track the pretrained channels (l2sp,
@@ -221,12 +233,12 @@ def run_trial(
     if start_from is not None and not can_start_from_trial(params):
         raise ValueError("start_from needs losses without the pretrained network's channels, no trajectory criterion and no gating")
     torch.manual_seed(finetune.seed)
+    device = pick_device(device)
     teacher_dir = Path(teacher_dir)
-    splits = load_data(data)
+    splits = (splits or load_data(data)).to(device)
     dense, spec = load_model(teacher_dir)
     student = dense if start_from is None else load_model(start_from)[0]
-    student = student.to(memory_format=torch.channels_last)
-    teacher_logits = load_file(teacher_dir / TEACHER_LOGITS_FILE)["logits"]
+    teacher_logits = load_file(teacher_dir / TEACHER_LOGITS_FILE)["logits"].to(device)
     if len(teacher_logits) != len(splits.train):
         raise ValueError(f"{teacher_dir} holds logits for {len(teacher_logits)} train images, the data has {len(splits.train)}")
     groups = prunable_groups(dense, image_size=data.image_size)
@@ -235,16 +247,17 @@ def run_trial(
         macs=macs_model(dense, image_size=data.image_size) if params.parametrisation == "target" else None,
         ceiling=None if start_from is None else {g.name: g.channels for g in prunable_groups(student, image_size=data.image_size)},
     )
+    student = student.to(device, memory_format=torch.channels_last)
     needs_source = bool(_FOLLOWER_TERMS & params.losses.keys())
     layers = stage_outputs(student) if FEATURE_TERMS & params.losses.keys() else []
-    source = SourceNet(model, layers=layers) if SOURCE_TERMS & params.losses.keys() else None
+    source = SourceNet(model, layers=layers, device=device) if SOURCE_TERMS & params.losses.keys() else None
     delta = (
         delta_weights(student, layers, splits.train, directory=teacher_dir, batch_size=finetune.batch_size)
         if "delta" in params.losses
         else None
     )
     # Pruned in step with the student: the pretrained weights (L2-SP anchors) with BN means as channel indices.
-    follower = index_tracer(build_model(model, num_classes=len(splits.classes))) if needs_source else None
+    follower = index_tracer(build_model(model, num_classes=len(splits.classes))).to(device) if needs_source else None
 
     if params.bn_sparsity > 0:
         _sparsify_bn(student, splits, weight=params.bn_sparsity, lr=params.lr, finetune=finetune)
@@ -319,7 +332,7 @@ def run_trial(
         return val
 
     def val_loss_and_accuracy(net: nn.Module) -> tuple[float, float]:
-        logits = predict_logits(net, splits.val)
+        logits = predict_logits(net, splits.val, amp=finetune.amp)
         loss = torch.nn.functional.cross_entropy(logits, splits.val.labels).item()
         return loss, (logits.argmax(1) == splits.val.labels).float().mean().item()
 
@@ -348,7 +361,9 @@ def run_trial(
         # AFS: channels (almost) never selected on the train data are pruned, (almost) always: static.
         usage = channel_usage(session.student, batches(splits.train, batch_size=finetune.batch_size))
         freeze_static_channels(session.student, usage)
-    metrics = _finish(session.student, splits, data=data, arch=spec["arch"], output_dir=Path(output_dir), extra=extra, macs_inputs=macs_inputs)
+    metrics = _finish(
+        session.student, splits, data=data, arch=spec["arch"], output_dir=Path(output_dir), extra=extra, amp=finetune.amp, macs_inputs=macs_inputs
+    )
     metrics["macs_ratio"] = metrics["macs"] / spec["metrics"]["macs"]
     return metrics
 

@@ -10,7 +10,7 @@ from search._helpers import UsageError
 EXAMPLES = """examples:
   slimtune search spaces/quickstart.yaml                 # the embedded demo, ~7 min on 2 CPU cores
   slimtune search spaces/quickstart.yaml --smoke-test    # the same pipeline shrunk to about a minute
-  slimtune search my_space.yaml --address auto           # on a running Ray cluster
+  slimtune search my_space.yaml --address auto --tracking-uri http://10.0.0.5:5000   # on a Ray cluster
   slimtune pareto quickstart                             # the accuracy-vs-MACs front of the latest search
   slimtune fetch quickstart --max-macs 12M -o model/     # the best front model under 12M MACs
   slimtune methods                                       # every criterion, parametrisation, schedule, loss
@@ -37,13 +37,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune the dense teacher once, run the trials (prune -> KD fine-tune -> evaluate -> MACs)"
         " with Ray Tune + Optuna, log everything to MLflow and print the Pareto front.",
         epilog="examples:\n  slimtune search spaces/quickstart.yaml\n  slimtune search spaces/quickstart.yaml --smoke-test --output /tmp/runs\n"
-        "  RAY_ADDRESS=auto slimtune search my_space.yaml --num-trials 64 --tracking-uri http://head:5000",
+        "  RAY_ADDRESS=auto slimtune search my_space.yaml --num-trials 64 --tracking-uri http://10.0.0.5:5000 --storage s3://bucket/runs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     search.add_argument("space", help="search space YAML (see spaces/)")
     search.add_argument("--smoke-test", action="store_true", help="shrink the run to about a minute: tiny data, 1 epoch, 2 trials")
     search.add_argument("--num-trials", type=int, default=None, metavar="N", help="override search.num_trials")
-    search.add_argument("--address", default=None, metavar="ADDR", help="join a running Ray cluster (or set RAY_ADDRESS); default: local Ray")
+    search.add_argument(
+        "--address", default=None, metavar="ADDR", help="join a running Ray cluster: auto or HOST:PORT (or set RAY_ADDRESS); default: a fresh local Ray"
+    )
+    search.add_argument(
+        "--storage", default=None, metavar="URI", help="Ray Tune's storage, which every node must reach (NFS path or s3://...); default: under --output"
+    )
     _add_store_args(search)
 
     pareto = commands.add_parser(
@@ -140,7 +145,7 @@ def _search(args: argparse.Namespace) -> int:
         experiment = experiment.smoke()
     if args.num_trials is not None:
         experiment = validate(dataclasses.replace(experiment, search=dataclasses.replace(experiment.search, num_trials=args.num_trials)))
-    outcome = run_search(experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address)
+    outcome = run_search(experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address, storage=args.storage)
     _print_front(outcome.front, header=f"\nPareto front of {experiment.name!r} (MACs = multiply-accumulates per image):")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"\nBrowse the runs:  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {outcome.tracking_uri} --port 5000")

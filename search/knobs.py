@@ -18,7 +18,7 @@ from pipelines.macs import MacsModel
 from pipelines.prune import Group
 from search.space import Experiment, Range, SpaceError
 
-__all__ = ["knob_ranges", "search_space", "resolve", "trial_params", "anchor_points", "CHOICES"]
+__all__ = ["knob_ranges", "search_space", "resolve", "trial_params", "anchor_points", "target_grid", "CHOICES"]
 
 Knob = Range | list[str]
 # categorical knob name -> the SearchConfig field listing its choices
@@ -204,3 +204,12 @@ def anchor_points(experiment: Experiment, groups: tuple[Group, ...], macs: MacsM
         points.append(point)
     return points
 
+
+
+def target_grid(experiment: Experiment) -> list[float]:
+    """`search.target_grid` MACs targets, log-spaced over budgets.target_macs, largest first."""
+    n = experiment.search.target_grid
+    low, high = experiment.search.budgets.target_macs.low, experiment.search.budgets.target_macs.high
+    if n == 1:
+        return [math.sqrt(low * high)]
+    return [high * (low / high) ** (i / (n - 1)) for i in range(n)]

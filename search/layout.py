@@ -9,8 +9,8 @@
     optuna.db                  the Optuna studies (one per search), survives a crash
     teacher-<fingerprint>/     the dense teacher, reused by every search with the same data/model/teacher config
     ray/                       Ray Tune's storage_path (shared storage on a cluster)
-    trials/<trial id>/         each trial's exported model
 ```
+Trials write nothing here: their models are MLflow artifacts (under mlartifacts/ with the SQLite store).
 """
 from __future__ import annotations
 
@@ -68,9 +68,6 @@ class Layout:
         key = {k: to_dict(getattr(experiment, k)) for k in ("data", "model", "teacher")}
         fingerprint = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
         return self.directory / f"teacher-{fingerprint}"
-
-    def trial_dir(self, trial_id: str) -> Path:
-        return self.directory / "trials" / trial_id
 
     def make(self) -> Layout:
         self.directory.mkdir(parents=True, exist_ok=True)

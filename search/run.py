@@ -5,7 +5,6 @@ Ray, Optuna and MLflow are imported here (not at CLI start-up) so that `slimtune
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ import yaml
 
 from search._helpers import format_count
 from search.front import SearchFront, front_of
-from search.knobs import anchor_points, resolve, search_space, trial_params
+from search.knobs import anchor_points, resolve, search_space, target_grid, trial_params
 from search.layout import Layout
 from search.space import Experiment, SpaceError, to_dict
 from search.tracking import PARETO_TAG, Tracker
@@ -33,18 +32,58 @@ class SearchOutcome:
     front: SearchFront
 
 
-def _configure_ray_environment() -> None:
-    # Ray 2.60 turns token auth on by default; a laptop run has no token to manage.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+def _train_teacher_task(experiment: Experiment, splits: Any, tracking_uri: str, run_id: str, threads: int) -> tuple[dict, dict]:
+    """Runs as a Ray task, on whichever node has the resources: fine-tune, log each epoch to the
+    teacher's MLflow run, return the metrics and the teacher folder's files."""
+    import tempfile
+
+    import torch
+
+    from pipelines.trial import train_teacher
+    from search.cluster import pack
+
+    torch.set_num_threads(threads)
+    tracker = Tracker(tracking_uri, experiment.name)
+    with tempfile.TemporaryDirectory(prefix="slimtune-teacher-") as directory:
+        started = time.perf_counter()
+        metrics = train_teacher(
+            data=experiment.data,
+            model=experiment.model,
+            finetune=experiment.teacher,
+            output_dir=directory,
+            splits=splits,
+            on_epoch_end=lambda m: tracker.log_metrics(run_id, m, step=int(m["epoch"])),
+        )
+        metrics["seconds"] = time.perf_counter() - started
+        return metrics, pack(Path(directory))
 
 
-def _ensure_teacher(experiment: Experiment, layout: Layout, tracker: Tracker, parent_id: str, log: Log) -> Path:
-    """Train the dense teacher unless this exact teacher already exists; log it as the `teacher` run."""
+def _teacher_resources(experiment: Experiment) -> dict[str, float]:
+    """The trials' whole share while nothing else runs (max_concurrent x cpus_per_trial), within the largest node."""
+    import ray
+
+    s = experiment.search
+    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=s.cpus_per_trial)
+    return {"num_cpus": max(s.cpus_per_trial, min(largest, s.max_concurrent * s.cpus_per_trial)), "num_gpus": s.gpus_per_trial}
+
+
+def _show_epochs(tracker: Tracker, run_id: str, *, shown: int, of: int, log: Log) -> int:
+    """Print the teacher epochs logged since the first `shown`; returns how many are shown now."""
+    history = {name: tracker.client.get_metric_history(run_id, name) for name in ("loss_total", "val_accuracy")}
+    values = {name: {m.step: m.value for m in points} for name, points in history.items()}
+    epochs = sorted(values["loss_total"].keys() & values["val_accuracy"].keys())
+    for epoch in epochs[shown:]:
+        log(f"  teacher epoch {epoch}/{of}: loss {values['loss_total'][epoch]:.3f}, val acc {values['val_accuracy'][epoch]:.3f}")
+    return max(shown, len(epochs))
+
+
+def _ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker: Tracker, parent_id: str, log: Log) -> Path:
+    """Train the dense teacher (a Ray task) unless this exact teacher already exists; log it as the `teacher` run."""
+    import ray
+
     from pipelines.export import SPEC_FILE
-    from pipelines.trial import TEACHER_LOGITS_FILE, train_teacher
+    from pipelines.trial import TEACHER_LOGITS_FILE
+    from search.cluster import unpack
 
     directory = layout.teacher_dir(experiment)
     run_id = tracker.start_run("teacher", role="teacher", parent_id=parent_id)
@@ -56,20 +95,19 @@ def _ensure_teacher(experiment: Experiment, layout: Layout, tracker: Tracker, pa
             log(f"teacher: reusing {directory}")
         else:
             log(f"teacher: fine-tuning {experiment.model.arch} ({experiment.model.weights}) for {experiment.teacher.epochs} epochs")
-
-            def on_epoch_end(metrics: dict[str, float]) -> None:
-                tracker.log_metrics(run_id, metrics, step=int(metrics["epoch"]))
-                log(f"  teacher epoch {int(metrics['epoch'])}/{experiment.teacher.epochs}: loss {metrics['loss_total']:.3f}, val acc {metrics['val_accuracy']:.3f}")
-
-            started = time.perf_counter()
-            metrics = train_teacher(
-                data=experiment.data,
-                model=experiment.model,
-                finetune=experiment.teacher,
-                output_dir=directory,
-                on_epoch_end=on_epoch_end,
+            resources = _teacher_resources(experiment)
+            task = ray.remote(**resources)(_train_teacher_task).remote(
+                experiment, splits, tracker.tracking_uri, run_id, max(1, int(resources["num_cpus"]))
             )
-            metrics["seconds"] = time.perf_counter() - started
+            shown, done = 0, False
+            while not done:  # the task logs each epoch to MLflow; show them as they arrive
+                done = bool(ray.wait([task], timeout=2.0)[0])
+                shown = _show_epochs(tracker, run_id, shown=shown, of=experiment.teacher.epochs, log=log)
+            try:
+                metrics, files = ray.get(task)
+            except ray.exceptions.RayTaskError as error:
+                raise error.cause from None  # the task's own error (e.g. weights unavailable offline), not Ray's wrapper
+            unpack(files, directory)
         tracker.log_metrics(run_id, {**metrics, "macs_ratio": 1.0}, step=experiment.teacher.epochs)
         tracker.end_run(run_id)
     except BaseException as error:
@@ -133,7 +171,7 @@ def _progress_callback(total: int, log: Log) -> Any:
     return Progress()
 
 
-def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: Any, study_name: str, log: Log) -> Any:
+def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: Any, study_name: str, storage: str | None, log: Log) -> Any:
     """Run the trials; returns the searcher (its study, counts of epochs and skipped repeats)."""
     import optuna
     from ray import tune
@@ -161,6 +199,7 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
         study,
         search_space(experiment, groups),
         anchors=anchors,
+        grid=target_grid(experiment),
         trial_epochs=experiment.trial.epochs,
         epoch_budget=s.epoch_budget,
         can_warm_start=can_warm_start if s.warm_start == "front" else None,
@@ -178,7 +217,7 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
         ),
         run_config=tune.RunConfig(
             name=study_name,
-            storage_path=str(layout.ray_storage),
+            storage_path=storage or str(layout.ray_storage),
             failure_config=tune.FailureConfig(max_failures=0),
             verbose=0,
             callbacks=[_progress_callback(s.num_trials, log)],
@@ -187,7 +226,7 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
     halving = f", halving at epochs {s.rungs} (eta {s.eta:g})" if s.rungs else ""
     budget = f", at most {s.epoch_budget} epochs" if s.epoch_budget else ""
     log(
-        f"search: {s.num_trials} trials ({len(anchors)} uniform anchors first), {s.max_concurrent} at a time,"
+        f"search: {s.num_trials} trials ({len(anchors)} uniform anchors, {s.target_grid} on a MACs grid first), {s.max_concurrent} at a time,"
         f" sampler {s.sampler} (seed {s.seed}), warm start from {s.warm_start}{halving}{budget}"
     )
     tuner.fit()
@@ -242,28 +281,49 @@ def run_search(
     output: str | Path,
     tracking_uri: str | None = None,
     address: str | None = None,
+    storage: str | None = None,
     log: Log = print,
 ) -> SearchOutcome:
-    """Run one search end to end; every run it opens ends FINISHED, FAILED or KILLED."""
-    _configure_ray_environment()
+    """Run one search end to end; every run it opens ends FINISHED, FAILED or KILLED.
+
+    `address`: a Ray cluster to join (else $RAY_ADDRESS, else a fresh local Ray); `storage`: Ray
+    Tune's storage (a path all nodes see, or s3://...; default <output>/<name>/ray)."""
     import ray
 
-    from pipelines.export import load_model
-    from pipelines.prune import macs_model, prunable_groups
-    from search.trainable import TrialContext
+    from search.cluster import check_gpus, check_tracking_uri, configure_ray_environment, node_addresses, start_ray
 
     layout = Layout.at(output, experiment.name).make()
     uri = tracking_uri or layout.tracking_uri
+    configure_ray_environment()
+    joined = start_ray(address)
+    try:
+        check_gpus(experiment.search.gpus_per_trial)  # before anything trains or is logged
+        check_tracking_uri(uri, nodes=node_addresses())
+        if joined != "local":
+            log(f"Ray: joined {joined}, {len(node_addresses())} machine(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
+        return _search(experiment, layout=layout, uri=uri, storage=storage, log=log)
+    finally:
+        ray.shutdown()
+
+
+def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | None, log: Log) -> SearchOutcome:
+    from pipelines.data import load_data
+    from pipelines.export import load_model
+    from pipelines.prune import macs_model, prunable_groups
+    from search.cluster import pack
+    from search.trainable import TrialContext
+
     config_yaml = yaml.safe_dump(to_dict(experiment), sort_keys=False)
     layout.config_file.write_text(config_yaml)
-    tracker = Tracker(uri, experiment.name, artifact_location=layout.artifacts)
+    tracker = Tracker(uri, experiment.name, create=True, local_artifacts=layout.artifacts)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     parent_id = tracker.start_run(f"search-{stamp}", role="search")
     log(f"MLflow: experiment {experiment.name!r}, parent run {parent_id} in {uri}")
     try:
         tracker.log_text(parent_id, config_yaml, "config.yaml")
         tracker.log_params(parent_id, {"arch": experiment.model.arch, "num_trials": experiment.search.num_trials, "sampler": experiment.search.sampler})
-        teacher_dir = _ensure_teacher(experiment, layout, tracker, parent_id, log)
+        splits = load_data(experiment.data)  # decoded once; the teacher task and the trials get it through Ray
+        teacher_dir = _ensure_teacher(experiment, splits, layout, tracker, parent_id, log)
         teacher, spec = load_model(teacher_dir)
         tracker.log_params(parent_id, {"num_classes": len(spec["classes"])})
         try:
@@ -275,22 +335,20 @@ def run_search(
                 " tested: mobilenet_v2, resnet18, resnet50, vgg11_bn, densenet121"
             ) from error
         log(f"pruning: {len(groups)} dependency groups in {len(set(g.stage for g in groups))} stages, budgets per {experiment.search.budgets.granularity}")
+        search_space(experiment, groups)  # unknown keep names fail before any trial starts
         context = TrialContext(
             experiment=experiment,
             tracking_uri=uri,
             experiment_name=experiment.name,
             parent_run_id=parent_id,
-            teacher_dir=str(teacher_dir),
-            trials_dir=str(layout.directory / "trials"),
             config_yaml=config_yaml,
             groups=groups,
+            splits=splits,
+            teacher=pack(teacher_dir),
         )
-        search_space(experiment, groups)  # before Ray starts: unknown keep names fail fast
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
-            searcher = _run_trials(experiment, layout, context, macs=macs, study_name=f"{experiment.name}-{stamp}", log=log)
+            searcher = _run_trials(experiment, layout, context, macs=macs, study_name=f"{experiment.name}-{stamp}", storage=storage, log=log)
         finally:
-            ray.shutdown()
             _end_unfinished(tracker, parent_id)
         front = front_of(tracker, tracker.get(parent_id))
         _publish_front(tracker, parent_id, front, experiment, layout, epochs=searcher.epochs_used)

@@ -3,14 +3,17 @@
 Ray's own `OptunaSearch` tells Optuna COMPLETE for a trial the scheduler stopped (its rung values
 then look like full-fidelity results) and builds its space from Tune domains under other names.
 This one:
-- asks the study for each trial (enqueued uniform anchors first), in the knobs' own names;
+- asks the study for each trial, in the knobs' own names: first the enqueued uniform anchors and
+  the `grid` targets (trials whose MACs target is fixed and whose other knobs the sampler picks),
+  largest target first;
 - never hands out a configuration twice (NSGA-II's crossover of equal parents proposes repeats): a
   repeat is told FAIL and the study is asked again, at most `retries` times in a row;
 - tells COMPLETE only for a trial whose final report arrived (`final` in the result), PRUNED with
   the rung's values as user attrs for one the scheduler stopped, FAIL for one that raised;
 - marks the anchors (`anchor: true` in their config);
 - picks the model a trial starts from (`warm_start: front`): the finished front member with the
-  fewest MACs above the trial's target, passed as `start_from` (that trial's Ray id);
+  fewest MACs above the trial's target, passed as `start_from` (its Ray trial id) and
+  `start_from_run` (its MLflow run, which holds its model);
 - stops starting trials once the epoch budget (spent + still owed to running trials) is used up.
 Imported lazily by `search.run` because it imports Ray and Optuna.
 """
@@ -38,6 +41,7 @@ class FinishedTrial:
     trial_id: str
     val_accuracy: float
     macs_ratio: float
+    run_id: str = ""  # its MLflow run, which holds its exported model
 
 
 def choose_parent(finished: list[FinishedTrial], target: float) -> FinishedTrial | None:
@@ -57,6 +61,7 @@ class StudySearcher(Searcher):
         space: dict[str, optuna.distributions.BaseDistribution],
         *,
         anchors: list[dict[str, Any]] = (),
+        grid: list[float] = (),
         trial_epochs: int,
         epoch_budget: int | None = None,
         can_warm_start: Callable[[dict[str, Any]], bool] | None = None,
@@ -69,7 +74,9 @@ class StudySearcher(Searcher):
         self.epoch_budget = epoch_budget
         self.can_warm_start = can_warm_start  # None: every trial starts from the teacher
         self.retries = retries
-        for point in anchors:
+        # Largest MACs target first, so that each can start from the one before (warm start).
+        queue = [*anchors, *({"target_macs": t} for t in grid)]
+        for point in sorted(queue, key=lambda p: -p.get("target_macs", 2.0)):
             study.enqueue_trial(point, skip_if_exists=True)
         self._anchor_keys = {_key(point) for point in anchors}
         self.repeats_skipped = 0
@@ -112,7 +119,7 @@ class StudySearcher(Searcher):
         if self.can_warm_start is not None and "target_macs" in config and self.can_warm_start(dict(trial.params)):
             parent = choose_parent(self.finished, float(config["target_macs"]))
             if parent is not None:
-                config["start_from"] = parent.trial_id
+                config.update(start_from=parent.trial_id, start_from_run=parent.run_id)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -134,7 +141,9 @@ class StudySearcher(Searcher):
         elif result.get("final"):
             self.study.tell(trial, [float(result[name]) for name in OBJECTIVES])
             if self.can_warm_start is not None and self.can_warm_start(dict(trial.params)):
-                self.finished.append(FinishedTrial(trial_id, float(result["val_accuracy"]), float(result["macs_ratio"])))
+                self.finished.append(
+                    FinishedTrial(trial_id, float(result["val_accuracy"]), float(result["macs_ratio"]), run_id=str(result.get("mlflow_run_id", "")))
+                )
         else:  # stopped by the scheduler: its rung values are partial, never a result
             for name in ("epoch", "val_accuracy", "macs"):
                 if name in result:

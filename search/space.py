@@ -72,6 +72,10 @@ class SearchConfig:
     # the plain uniform-pruning baseline on every front, spread over the MACs range, and the
     # sampler's first points. At most num_trials of them.
     uniform_anchors: list[float] = field(default_factory=lambda: [0.5, 0.15, 0.05, 0.015])
+    # Trials whose MACs target is fixed on this many log-spaced points of budgets.target_macs,
+    # run with the anchors, largest target first; the sampler picks their other knobs. 0: it picks
+    # every trial's target too.
+    target_grid: int = 0
     # front: a trial with a MACs target prunes the finished front model with the fewest MACs above
     # its target (NetAdapt-style: its epochs add to that model's), else the teacher; teacher: always
     # from the teacher. Measured: +3 to +6 points at <= 0.2x MACs at equal compute.
@@ -346,6 +350,10 @@ def validate(experiment: Experiment) -> Experiment:
     for i, rung in enumerate(search.rungs):
         if not 1 <= rung < epochs or (i and rung <= search.rungs[i - 1]):
             raise SpaceError(f"search.rungs[{i}]: {rung} must rise and lie in [1, trial.epochs - 1 = {epochs - 1}]")
+    if search.target_grid < 0:
+        raise SpaceError(f"search.target_grid: must be 0 or more trials, got {search.target_grid}")
+    if search.target_grid and "target" not in search.budgets.granularity:
+        raise SpaceError("search.target_grid: needs search.budgets.granularity target (the grid fixes MACs targets)")
     if search.eta <= 1:
         raise SpaceError(f"search.eta: must be > 1 (1/eta of the trials continue at each rung), got {search.eta:g}")
     if search.epoch_budget is not None and search.epoch_budget < epochs:

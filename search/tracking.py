@@ -30,7 +30,10 @@ class RunRecord:
 
 
 class Tracker:
-    def __init__(self, tracking_uri: str, experiment: str, *, artifact_location: str | Path | None = None) -> None:
+    def __init__(self, tracking_uri: str, experiment: str, *, create: bool = False, local_artifacts: str | Path | None = None) -> None:
+        """`create`: make the experiment if it does not exist, with its artifacts in `local_artifacts`
+        for a store on this machine (SQLite); a tracking server keeps them where it is configured to
+        (with `--artifacts-destination`, uploaded through the server, so every node can reach them)."""
         import os
 
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -41,8 +44,9 @@ class Tracker:
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             self.experiment_id = found.experiment_id
-        elif artifact_location is not None:
-            location = Path(artifact_location).resolve().as_uri()
+        elif create:
+            server = tracking_uri.startswith(("http://", "https://"))
+            location = None if server or local_artifacts is None else Path(local_artifacts).resolve().as_uri()
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = None  # read-only use: the experiment does not exist

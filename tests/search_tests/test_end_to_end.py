@@ -166,3 +166,16 @@ def test_methods_lists_every_registered_option(tmp_path: Path) -> None:
         for name in registry.names():
             assert f"  {name} " in result.stdout, name
     assert "gating" in result.stdout
+
+
+def test_gpus_on_a_machine_without_them_is_a_one_line_error_before_anything_trains(searched: dict) -> None:
+    work: Path = searched["work"]
+    tracker: Tracker = searched["tracker"]
+    before = tracker.latest_search().run_id
+    space = yaml.safe_load((work / "tiny.yaml").read_text())
+    space["search"]["gpus_per_trial"] = 1
+    (work / "gpu.yaml").write_text(yaml.safe_dump(space))
+    result = _slimtune("search", "gpu.yaml", cwd=work)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "search.gpus_per_trial: 1 GPU per trial" in result.stderr
+    assert tracker.latest_search().run_id == before  # no parent run, no teacher, no trial

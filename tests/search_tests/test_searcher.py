@@ -148,3 +148,22 @@ def test_inside_ray_tune_each_trial_runs_a_distinct_configuration(tmp_path: Path
     assert sorted(t.values[0] for t in search.study.trials if t.state == TrialState.COMPLETE) == [0.1, 0.2, 0.3]
     assert search.repeats_skipped > 0  # the sampler did repeat itself, and Tune used this very searcher
     assert search.epochs_used == 3
+
+
+def test_grid_targets_are_fixed_interleaved_with_anchors_largest_first_and_the_sampler_picks_the_rest() -> None:
+    space = {"target_macs": FloatDistribution(0.01, 1.0, log=True), "tilt": FloatDistribution(-1.0, 1.0)}
+    search = searcher(space=space, anchors=[{"target_macs": 0.5, "tilt": 0.0}], grid=[0.8, 0.2])
+    configs = [search.suggest(f"t{i}") for i in range(3)]
+    assert [c["target_macs"] for c in configs] == [0.8, 0.5, 0.2]
+    assert [bool(c.get("anchor")) for c in configs] == [False, True, False]
+    assert configs[0]["tilt"] != 0.0 and -1.0 <= configs[2]["tilt"] <= 1.0  # sampled, not the anchor's uniform 0
+
+
+@pytest.mark.parametrize(("n", "expected"), [(0, []), (1, [0.1]), (3, [1.0, 0.1, 0.01])])
+def test_target_grid_is_log_spaced_largest_first(n: int, expected: list[float], tmp_path: Path) -> None:
+    from search.knobs import target_grid
+    from search.space import parse_space
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    raw = {"name": "t", "data": {"path": str(tmp_path)}, "search": {"target_grid": n, "budgets": {"target_macs": {"low": 0.01, "high": 1.0, "log": True}}}}
+    assert target_grid(parse_space(raw)) == pytest.approx(expected)
