@@ -9,7 +9,7 @@ from urllib.parse import urlparse
 
 from search._helpers import UsageError
 
-__all__ = ["configure_ray_environment", "start_ray", "check_gpus", "check_tracking_uri", "node_addresses", "pack", "unpack"]
+__all__ = ["configure_ray_environment", "start_ray", "check_gpus", "check_tracking_uri", "node_addresses", "concurrency", "pack", "unpack"]
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 
@@ -49,6 +49,17 @@ def node_addresses() -> set[str]:
     import ray
 
     return {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+
+
+def concurrency(*, cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """How many trials the cluster's resources hold at once (at least one)."""
+    import ray
+
+    total = ray.cluster_resources()
+    fits = [total.get("CPU", 0) / cpus_per_trial]
+    if gpus_per_trial > 0:
+        fits.append(total.get("GPU", 0) / gpus_per_trial)
+    return max(1, int(min(fits) + 1e-9))
 
 
 def check_gpus(gpus_per_trial: float) -> None:

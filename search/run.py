@@ -4,7 +4,7 @@ Ray, Optuna and MLflow are imported here (not at CLI start-up) so that `slimtune
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from search.front import SearchFront, front_of
 from search.knobs import anchor_points, resolve, search_space, target_grid, trial_params
 from search.layout import Layout
 from search.space import Experiment, SpaceError, to_dict
+from search.teacher import ensure_teacher
 from search.tracking import PARETO_TAG, Tracker
 
 __all__ = ["run_search", "SearchOutcome"]
@@ -30,94 +31,6 @@ class SearchOutcome:
     layout: Layout
     tracking_uri: str
     front: SearchFront
-
-
-def _train_teacher_task(experiment: Experiment, splits: Any, tracking_uri: str, run_id: str, threads: int) -> tuple[dict, dict]:
-    """Runs as a Ray task, on whichever node has the resources: fine-tune, log each epoch to the
-    teacher's MLflow run, return the metrics and the teacher folder's files."""
-    import tempfile
-
-    import torch
-
-    from pipelines.trial import train_teacher
-    from search.cluster import pack
-
-    torch.set_num_threads(threads)
-    tracker = Tracker(tracking_uri, experiment.name)
-    with tempfile.TemporaryDirectory(prefix="slimtune-teacher-") as directory:
-        started = time.perf_counter()
-        metrics = train_teacher(
-            data=experiment.data,
-            model=experiment.model,
-            finetune=experiment.teacher,
-            output_dir=directory,
-            splits=splits,
-            on_epoch_end=lambda m: tracker.log_metrics(run_id, m, step=int(m["epoch"])),
-        )
-        metrics["seconds"] = time.perf_counter() - started
-        return metrics, pack(Path(directory))
-
-
-def _teacher_resources(experiment: Experiment) -> dict[str, float]:
-    """The trials' whole share while nothing else runs (max_concurrent x cpus_per_trial), within the largest node."""
-    import ray
-
-    s = experiment.search
-    largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=s.cpus_per_trial)
-    return {"num_cpus": max(s.cpus_per_trial, min(largest, s.max_concurrent * s.cpus_per_trial)), "num_gpus": s.gpus_per_trial}
-
-
-def _show_epochs(tracker: Tracker, run_id: str, *, shown: int, of: int, log: Log) -> int:
-    """Print the teacher epochs logged since the first `shown`; returns how many are shown now."""
-    history = {name: tracker.client.get_metric_history(run_id, name) for name in ("loss_total", "val_accuracy")}
-    values = {name: {m.step: m.value for m in points} for name, points in history.items()}
-    epochs = sorted(values["loss_total"].keys() & values["val_accuracy"].keys())
-    for epoch in epochs[shown:]:
-        log(f"  teacher epoch {epoch}/{of}: loss {values['loss_total'][epoch]:.3f}, val acc {values['val_accuracy'][epoch]:.3f}")
-    return max(shown, len(epochs))
-
-
-def _ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker: Tracker, parent_id: str, log: Log) -> Path:
-    """Train the dense teacher (a Ray task) unless this exact teacher already exists; log it as the `teacher` run."""
-    import ray
-
-    from pipelines.export import SPEC_FILE
-    from pipelines.trial import TEACHER_LOGITS_FILE
-    from search.cluster import unpack
-
-    directory = layout.teacher_dir(experiment)
-    run_id = tracker.start_run("teacher", role="teacher", parent_id=parent_id)
-    try:
-        tracker.log_params(run_id, {"arch": experiment.model.arch, "weights": experiment.model.weights, **to_dict(experiment.teacher)})
-        if (directory / SPEC_FILE).exists() and (directory / TEACHER_LOGITS_FILE).exists():
-            metrics = json.loads((directory / SPEC_FILE).read_text())["metrics"]
-            tracker.set_tags(run_id, {"reused_from": str(directory)})
-            log(f"teacher: reusing {directory}")
-        else:
-            log(f"teacher: fine-tuning {experiment.model.arch} ({experiment.model.weights}) for {experiment.teacher.epochs} epochs")
-            resources = _teacher_resources(experiment)
-            task = ray.remote(**resources)(_train_teacher_task).remote(
-                experiment, splits, tracker.tracking_uri, run_id, max(1, int(resources["num_cpus"]))
-            )
-            shown, done = 0, False
-            while not done:  # the task logs each epoch to MLflow; show them as they arrive
-                done = bool(ray.wait([task], timeout=2.0)[0])
-                shown = _show_epochs(tracker, run_id, shown=shown, of=experiment.teacher.epochs, log=log)
-            try:
-                metrics, files = ray.get(task)
-            except ray.exceptions.RayTaskError as error:
-                raise error.cause from None  # the task's own error (e.g. weights unavailable offline), not Ray's wrapper
-            unpack(files, directory)
-        tracker.log_metrics(run_id, {**metrics, "macs_ratio": 1.0}, step=experiment.teacher.epochs)
-        tracker.end_run(run_id)
-    except BaseException as error:
-        tracker.fail_run(run_id, error)
-        raise
-    log(
-        f"teacher: val acc {metrics['val_accuracy']:.3f}, test acc {metrics['test_accuracy']:.3f},"
-        f" {format_count(metrics['macs'])} MACs, {format_count(metrics['params'])} params"
-    )
-    return directory
 
 
 def _sampler(experiment: Experiment, *, startup: int) -> Any:
@@ -214,6 +127,7 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
             scheduler=ParetoHalving(rungs=s.rungs, eta=s.eta) if s.rungs else None,
             num_samples=s.num_trials,
             max_concurrent_trials=s.max_concurrent,
+            reuse_actors=True,  # a trial process keeps its imports and its MLflow client for the next trial
         ),
         run_config=tune.RunConfig(
             name=study_name,
@@ -229,7 +143,9 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
         f"search: {s.num_trials} trials ({len(anchors)} uniform anchors, {s.target_grid} on a MACs grid first), {s.max_concurrent} at a time,"
         f" sampler {s.sampler} (seed {s.seed}), warm start from {s.warm_start}{halving}{budget}"
     )
+    started = time.perf_counter()
     tuner.fit()
+    searcher.seconds = time.perf_counter() - started
     if searcher.repeats_skipped:
         log(f"search: skipped {searcher.repeats_skipped} repeated configuration(s) the sampler proposed")
     return searcher
@@ -244,7 +160,9 @@ def _end_unfinished(tracker: Tracker, parent_id: str) -> None:
             tracker.end_run(run.run_id, "KILLED")
 
 
-def _publish_front(tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout, *, epochs: int) -> None:
+def _publish_front(
+    tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout, *, epochs: int, seconds: float
+) -> None:
     from search.report import front_csv, front_json, front_rows, plot_front
 
     members = {r.run_id for r in front.front}
@@ -270,6 +188,8 @@ def _publish_front(tracker: Tracker, parent_id: str, front: SearchFront, experim
         "failed_trials": len(front.trials) - len(front.finished) - stopped,
         "front_size": len(front.front),
         "fine_tune_epochs": epochs,
+        "trial_phase_seconds": seconds,
+        "max_concurrent": experiment.search.max_concurrent,
     }
     volumes = {"hypervolume": front.hypervolume, "anchors_hypervolume": front.anchors_hypervolume}
     tracker.log_metrics(parent_id, {**counts, **{k: v for k, v in volumes.items() if v is not None}})
@@ -290,7 +210,7 @@ def run_search(
     Tune's storage (a path all nodes see, or s3://...; default <output>/<name>/ray)."""
     import ray
 
-    from search.cluster import check_gpus, check_tracking_uri, configure_ray_environment, node_addresses, start_ray
+    from search.cluster import check_gpus, check_tracking_uri, concurrency, configure_ray_environment, node_addresses, start_ray
 
     layout = Layout.at(output, experiment.name).make()
     uri = tracking_uri or layout.tracking_uri
@@ -299,6 +219,10 @@ def run_search(
     try:
         check_gpus(experiment.search.gpus_per_trial)  # before anything trains or is logged
         check_tracking_uri(uri, nodes=node_addresses())
+        s = experiment.search
+        if s.max_concurrent is None:
+            fits = concurrency(cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial)
+            experiment = dataclasses.replace(experiment, search=dataclasses.replace(s, max_concurrent=fits))
         if joined != "local":
             log(f"Ray: joined {joined}, {len(node_addresses())} machine(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
         return _search(experiment, layout=layout, uri=uri, storage=storage, log=log)
@@ -323,7 +247,7 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
         tracker.log_text(parent_id, config_yaml, "config.yaml")
         tracker.log_params(parent_id, {"arch": experiment.model.arch, "num_trials": experiment.search.num_trials, "sampler": experiment.search.sampler})
         splits = load_data(experiment.data)  # decoded once; the teacher task and the trials get it through Ray
-        teacher_dir = _ensure_teacher(experiment, splits, layout, tracker, parent_id, log)
+        teacher_dir = ensure_teacher(experiment, splits, layout, tracker, parent_id, log)
         teacher, spec = load_model(teacher_dir)
         tracker.log_params(parent_id, {"num_classes": len(spec["classes"])})
         try:
@@ -351,7 +275,7 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
         finally:
             _end_unfinished(tracker, parent_id)
         front = front_of(tracker, tracker.get(parent_id))
-        _publish_front(tracker, parent_id, front, experiment, layout, epochs=searcher.epochs_used)
+        _publish_front(tracker, parent_id, front, experiment, layout, epochs=searcher.epochs_used, seconds=searcher.seconds)
         if front.hypervolume is not None:
             versus = f", uniform anchors alone {front.anchors_hypervolume:.3f}" if front.anchors_hypervolume is not None else ""
             log(f"search: {searcher.epochs_used} fine-tune epochs; hypervolume {front.hypervolume:.3f} (test accuracy of the front){versus}")

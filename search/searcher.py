@@ -85,6 +85,7 @@ class StudySearcher(Searcher):
         self._epochs: dict[str, int] = {}  # Ray trial id -> fine-tune epochs it has reported
         self._running: set[str] = set()
         self.finished: list[FinishedTrial] = []
+        self.seconds = 0.0  # wall time of the trial phase, set by whoever runs the Tuner
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the study carries both objectives; the space comes from `search.knobs`

@@ -60,7 +60,8 @@ class BudgetSpace:
 @dataclass(frozen=True)
 class SearchConfig:
     num_trials: int = 16  # trials started (with `rungs`, some stop early)
-    max_concurrent: int = 2  # two one-thread trials fill a 2-core laptop
+    # Trials at once; null: as many as the cluster's CPUs (and GPUs) allow, e.g. 2 one-thread trials on 2 cores.
+    max_concurrent: int | None = None
     # gp: Optuna's GPSampler (LogEHVI), in range at 16-64 trials; tpe: multivariate TPE;
     # nsga2: evolutionary, needs 100s of trials; random: the baseline every sampler must beat.
     sampler: Literal["gp", "tpe", "nsga2", "random"] = "gp"
@@ -313,7 +314,7 @@ def validate(experiment: Experiment) -> Experiment:
         raise SpaceError("trial.lr: a trial's learning rate is searched; set search.lr instead (a number fixes it)")
     search = experiment.search
     for name in ("num_trials", "max_concurrent"):
-        if getattr(search, name) < 1:
+        if getattr(search, name) is not None and getattr(search, name) < 1:
             raise SpaceError(f"search.{name}: must be at least 1, got {getattr(search, name)}")
     _check_positive(search.cpus_per_trial, "search.cpus_per_trial")
     if search.gpus_per_trial < 0:

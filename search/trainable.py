@@ -10,6 +10,7 @@ stops (Ray raises SystemExit inside `tune.report`) ends KILLED with the tag `sto
 """
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from dataclasses import dataclass
@@ -43,19 +44,27 @@ class TrialContext:
     teacher: dict[str, bytes]  # the teacher folder's files
 
 
+@functools.lru_cache(maxsize=4)
+def _tracker(tracking_uri: str, experiment: str) -> Any:
+    """One MLflow client per process: with reused actors, successive trials share it."""
+    from search.tracking import Tracker
+
+    return Tracker(tracking_uri, experiment)
+
+
 def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     import ray
     import torch
     from ray import tune
 
     from pipelines.trial import run_trial
-    from search.tracking import ANCHOR_TAG, TRIAL_TAG, Tracker
+    from search.tracking import ANCHOR_TAG, TRIAL_TAG
 
     started = time.perf_counter()
     experiment = context.experiment
     torch.set_num_threads(max(1, int(experiment.search.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id()
-    tracker = Tracker(context.tracking_uri, context.experiment_name)
+    tracker = _tracker(context.tracking_uri, context.experiment_name)
     tags = {TRIAL_TAG: trial_id, NODE_TAG: ray.get_runtime_context().get_node_id(), **({ANCHOR_TAG: "true"} if config.get("anchor") else {})}
     run_id = tracker.start_run(f"trial-{trial_id}", role="trial", parent_id=context.parent_run_id, tags=tags)
     parent = config.get("start_from")

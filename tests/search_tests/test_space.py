@@ -60,7 +60,7 @@ def test_relative_data_path_is_made_absolute(
         ("trial.lr", 1e-3),
         ("trial.bn_recalibration_batches", 10),
         ("search.num_trials", 16),
-        ("search.max_concurrent", 2),
+        ("search.max_concurrent", None),
         ("search.sampler", "gp"),
         ("search.seed", 0),
         ("search.cpus_per_trial", 1),
