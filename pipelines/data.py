@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import pickle
 import random
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from torchvision import datasets, transforms
 
 from pipelines.config import DataConfig
 
-__all__ = ["DataError", "ANIMAL_MNIST_CLASSES", "Splits", "prepare_animal_mnist", "load_data", "batches", "normalize"]
+__all__ = ["DataError", "ANIMAL_MNIST_CLASSES", "Splits", "prepare_animal_mnist", "load_data", "batches", "normalize", "folder_fingerprint"]
 
 # Class order as the animal-mnist package documents its labels 0..9.
 ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
@@ -75,6 +76,18 @@ def prepare_animal_mnist(root: str | Path) -> Path:
         Image.fromarray(image, mode="L").save(root / ANIMAL_MNIST_CLASSES[int(label)] / f"{index:05d}.png")
     done.touch()
     return root
+
+
+def folder_fingerprint(root: str | Path) -> str:
+    """A digest of every file under `root` (relative path, size, modification time): any image
+    added, removed or rewritten changes it, without reading the images."""
+    root = Path(root)
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=2)

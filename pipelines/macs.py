@@ -16,6 +16,7 @@ pruned). Without `inputs`, or without gates, every channel is counted, as above.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -79,9 +80,7 @@ def _gated_macs(model: nn.Module, gates: list[ChannelGate], dense: dict[nn.Modul
 
 
 @torch.no_grad()
-def _expected_macs(model: nn.Module, gates: list[ChannelGate], inputs: torch.Tensor, image_size: int) -> float:
-    if inputs.dim() != 4 or tuple(inputs.shape[-2:]) != (image_size, image_size) or len(inputs) == 0:
-        raise ValueError(f"inputs must be N x C x {image_size} x {image_size} with N >= 1, got {tuple(inputs.shape)}")
+def _expected_macs(model: nn.Module, gates: list[ChannelGate], inputs: torch.Tensor | Iterable[torch.Tensor], image_size: int) -> float:
     dense: dict[nn.Module, int] = {}
 
     def record(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -91,18 +90,24 @@ def _expected_macs(model: nn.Module, gates: list[ChannelGate], inputs: torch.Ten
     handles = [m.register_forward_hook(record) for m in layers]
     was_training = model.training
     model.eval()
-    total = 0
+    total, seen = 0, 0
     try:
-        for chunk in inputs.split(_CHUNK):
-            for gate in gates:
-                gate.last_mask = None
-            model(chunk)
-            total += _gated_macs(model, gates, dense, len(chunk))
+        for batch in [inputs] if isinstance(inputs, torch.Tensor) else inputs:
+            if batch.dim() != 4 or tuple(batch.shape[-2:]) != (image_size, image_size):
+                raise ValueError(f"inputs must be N x C x {image_size} x {image_size}, got {tuple(batch.shape)}")
+            for chunk in batch.split(_CHUNK):
+                for gate in gates:
+                    gate.last_mask = None
+                model(chunk)
+                total += _gated_macs(model, gates, dense, len(chunk))
+                seen += len(chunk)
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return total / len(inputs)
+    if seen == 0:
+        raise ValueError("inputs must hold at least one image")
+    return total / seen
 
 
 def layer_macs(model: nn.Module, *, image_size: int) -> dict[nn.Module, int]:
@@ -117,8 +122,9 @@ def layer_macs(model: nn.Module, *, image_size: int) -> dict[nn.Module, int]:
     return {m: macs[m] for m in layers if m in macs}
 
 
-def count_macs(model: nn.Module, *, image_size: int, inputs: torch.Tensor | None = None) -> Complexity:
-    """MACs per image and parameters; with `inputs` and gates, the expected MACs over `inputs`."""
+def count_macs(model: nn.Module, *, image_size: int, inputs: torch.Tensor | Iterable[torch.Tensor] | None = None) -> Complexity:
+    """MACs per image and parameters; with `inputs` (images, or batches of them) and gates, the
+    expected MACs over those images."""
     params = sum(p.numel() for p in model.parameters())
     gates = [m for m in model.modules() if isinstance(m, ChannelGate)]
     if inputs is not None and gates:

@@ -3,6 +3,8 @@ the student, the pruned pretrained anchors, the frozen source network and the st
 """
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +33,7 @@ def delta_weights(teacher: nn.Module, layers: list[str], train: Split, *, direct
         return load_file(path)
     probe = [(x, y) for x, y, _ in batches(train, batch_size=batch_size, shuffle=True, seed=0)][:1]
     weights = {k: v.cpu().contiguous() for k, v in delta_channel_weights(teacher, layers, probe).items()}
-    temporary = path.with_suffix(f".{torch.randint(1 << 30, ()).item()}.tmp")
+    temporary = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex}.tmp")  # not torch's RNG: the trial's stream stays its own
     save_file(weights, temporary)
     temporary.replace(path)  # atomic: concurrent trials may race to write the same weights
     return weights

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,11 +48,11 @@ def _finish(
     output_dir: Path,
     extra: dict[str, float],
     amp: bool,
-    macs_inputs: torch.Tensor | None = None,
+    macs_inputs: Iterable[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Evaluate, count MACs (expected over `macs_inputs` for gated models), export; returns the
+    """Evaluate, count MACs (expected over the `macs_inputs` batches for gated models), export; returns the
     final metrics (also stored in the channel spec)."""
-    complexity = count_macs(model, image_size=data.image_size, **({"inputs": macs_inputs} if macs_inputs is not None else {}))
+    complexity = count_macs(model, image_size=data.image_size, inputs=macs_inputs)
     metrics = {
         **extra,
         "val_accuracy": evaluate(model, splits.val, amp=amp),
@@ -175,8 +175,10 @@ def _weight_snapshots(student: nn.Module, teacher_dir: Path) -> list[nn.Module]:
     return snapshots
 
 
-def _sparsify_bn(model: nn.Module, splits: Splits, *, weight: float, lr: float, finetune: FinetuneConfig) -> None:
-    """Network slimming's sparsity phase: one epoch of CE + `weight` * sum |BN scale|."""
+def _sparsify_bn(
+    model: nn.Module, splits: Splits, *, weight: float, lr: float, finetune: FinetuneConfig, on_epoch_end: EpochCallback | None
+) -> None:
+    """Network slimming's sparsity phase: one epoch of CE + `weight` * sum |BN scale|, the trial's epoch 1."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -184,7 +186,7 @@ def _sparsify_bn(model: nn.Module, splits: Splits, *, weight: float, lr: float, 
         l1 = sum(m.weight.abs().sum() for m in norms)
         return {"ce": ce, "bn_l1": l1, "total": ce + weight * l1}
 
-    _fit(model, splits, loss_fn=loss_fn, lr=lr, epochs=1, finetune=finetune, weight_decay=0.0, flip=False, first_epoch=0, on_epoch_end=None)
+    _fit(model, splits, loss_fn=loss_fn, lr=lr, epochs=1, finetune=finetune, weight_decay=0.0, flip=False, on_epoch_end=on_epoch_end)
 
 
 def _class_weights(train: Split, num_classes: int) -> torch.Tensor:
@@ -225,8 +227,8 @@ def run_trial(
     Returns `proxy_accuracy` (after the first cut + BN recalibration, before fine-tuning),
     `val_accuracy`, `test_accuracy`, `macs` (expected over val images for gated models), `params`,
     `macs_ratio` (vs the teacher), `rounds` (pruning rounds kept), `round<i>_val_accuracy` for
-    every round and `keep_min` / `keep_mean` / `keep_max`, the achieved fractions of each group's
-    channels (before gating).
+    every round, and `kept.<group>`, the achieved fraction of each group's channels (before gating),
+    with its summary `keep_min` / `keep_mean` / `keep_max`.
     """
     if params.densities and params.schedule != "one_shot":
         raise ValueError("dynamic gating needs the one_shot schedule")
@@ -259,8 +261,23 @@ def run_trial(
     # Pruned in step with the student: the pretrained weights (L2-SP anchors) with BN means as channel indices.
     follower = index_tracer(build_model(model, num_classes=len(splits.classes))).to(device) if needs_source else None
 
+    def val_images() -> Iterator[torch.Tensor]:  # gated MACs: the expectation over the whole val split
+        return (images for images, _, _ in batches(splits.val, batch_size=256))
+
+    def count(net: nn.Module) -> float:
+        return float(count_macs(net, image_size=data.image_size, inputs=val_images() if params.densities else None).macs)
+
+    def with_macs(net: nn.Module) -> EpochCallback | None:
+        if on_epoch_end is None:
+            return None
+        return lambda metrics: on_epoch_end({**metrics, "macs": (m := count(net)), "macs_ratio": m / spec["metrics"]["macs"]})
+
+    # Every pass over the train split is one of the trial's epochs: the sparsity epoch too.
+    epochs_done = 0
     if params.bn_sparsity > 0:
-        _sparsify_bn(student, splits, weight=params.bn_sparsity, lr=params.lr, finetune=finetune)
+        _sparsify_bn(student, splits, weight=params.bn_sparsity, lr=params.lr, finetune=finetune, on_epoch_end=with_macs(student))
+        epochs_done = 1
+
     followers = [follower] if follower is not None else []
     snapshots = _weight_snapshots(student, teacher_dir) if params.criterion == "trajectory" else []
     followers += snapshots  # pruned in step, so the trajectories stay aligned with the channels left
@@ -287,16 +304,6 @@ def run_trial(
     group_scores = group_scores_by_name(student, dense_scores, image_size=data.image_size)
     target = keep_counts(params.parametrisation, replace(budget_inputs, scores=group_scores), params.budget)
     target.update({g.name: g.channels for g in groups if g.channels <= params.min_channels})
-    epochs_done = 0
-    macs_inputs = next(batches(splits.val, batch_size=256))[0] if params.densities else None
-
-    def count(net: nn.Module) -> float:
-        return float(count_macs(net, image_size=data.image_size, **({"inputs": macs_inputs} if macs_inputs is not None else {})).macs)
-
-    def with_macs(net: nn.Module) -> EpochCallback | None:
-        if on_epoch_end is None:
-            return None
-        return lambda metrics: on_epoch_end({**metrics, "macs": (m := count(net)), "macs_ratio": m / spec["metrics"]["macs"]})
 
     def fit(net: nn.Module, current_followers: list[nn.Module], epochs: int) -> float:
         nonlocal epochs_done
@@ -311,6 +318,9 @@ def run_trial(
             weight_decay=finetune.weight_decay,
             class_weights=_class_weights(splits.train, len(splits.classes)) if params.class_weighted else None,
         )
+        # Reseed after everything is built: the training stream (dropout) must not depend on how
+        # many random numbers the chosen losses' modules drew.
+        torch.manual_seed(finetune.seed * 1000 + epochs_done)
         try:
             val = _fit(
                 net,
@@ -350,9 +360,15 @@ def run_trial(
         val_loss_and_accuracy=val_loss_and_accuracy,
         fit=fit,
     )
-    SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs, rounds=params.rounds, max_drop=params.max_drop)
-    extra = {"proxy_accuracy": session.proxy_accuracy, "rounds": float(len([r for r in session.rounds if not r.get("reverted")]))}
-    kept = [width / g.channels for g, width in zip(groups, session.current().values())]  # achieved, not requested
+    SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs - epochs_done, rounds=params.rounds, max_drop=params.max_drop)
+    extra = {
+        "proxy_accuracy": session.proxy_accuracy,
+        "rounds": float(len([r for r in session.rounds if not r.get("reverted")])),
+        "train_epochs_used": float(epochs_done),
+    }
+    achieved = {g.name: session.current()[g.name] / g.channels for g in groups}  # achieved, not requested
+    extra.update({f"kept.{name}": fraction for name, fraction in achieved.items()})
+    kept = list(achieved.values())
     extra.update(keep_min=min(kept), keep_mean=sum(kept) / len(kept), keep_max=max(kept))
     extra.update({f"round{r['round']}_val_accuracy": r["val_accuracy"] for r in session.rounds})  # every round, reverted too
     if params.densities:
@@ -362,8 +378,9 @@ def run_trial(
         usage = channel_usage(session.student, batches(splits.train, batch_size=finetune.batch_size))
         freeze_static_channels(session.student, usage)
     metrics = _finish(
-        session.student, splits, data=data, arch=spec["arch"], output_dir=Path(output_dir), extra=extra, amp=finetune.amp, macs_inputs=macs_inputs
-    )
+        session.student, splits, data=data, arch=spec["arch"], output_dir=Path(output_dir), extra=extra, amp=finetune.amp,
+        macs_inputs=val_images() if params.densities else None,
+    )  # fmt: skip
     metrics["macs_ratio"] = metrics["macs"] / spec["metrics"]["macs"]
     return metrics
 

@@ -7,7 +7,7 @@
   <experiment>/
     config.yaml                the resolved space of the latest search
     optuna.db                  the Optuna studies (one per search), survives a crash
-    teacher-<fingerprint>/     the dense teacher, reused by every search with the same data/model/teacher config
+    teacher-<config>-<data>/   the dense teacher, reused by every search with the same config and data files
     ray/                       Ray Tune's storage_path (shared storage on a cluster)
 ```
 Trials write nothing here: their models are MLflow artifacts (under mlartifacts/ with the SQLite store).
@@ -64,10 +64,13 @@ class Layout:
         return self.directory / "ray"
 
     def teacher_dir(self, experiment: Experiment) -> Path:
-        """Keyed by everything that shapes the teacher, so a changed config never reuses a stale one."""
+        """Keyed by everything that shapes the teacher, so that neither a changed config nor changed
+        data files reuse a stale one: teacher-<config digest>-<data digest>."""
+        from pipelines.data import folder_fingerprint
+
         key = {k: to_dict(getattr(experiment, k)) for k in ("data", "model", "teacher")}
-        fingerprint = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-        return self.directory / f"teacher-{fingerprint}"
+        config = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+        return self.directory / f"teacher-{config}-{folder_fingerprint(experiment.data.path)[:8]}"
 
     def make(self) -> Layout:
         self.directory.mkdir(parents=True, exist_ok=True)

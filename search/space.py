@@ -327,6 +327,13 @@ def validate(experiment: Experiment) -> Experiment:
             raise SpaceError(f"search.{name}: give at least one choice")
     if not search.budgets.granularity:
         raise SpaceError("search.budgets.granularity: give at least one choice")
+    incomparable = sorted(set(search.importance) - {"bn_gamma"})
+    if "global_percentile" in search.budgets.granularity and incomparable:
+        raise SpaceError(
+            f"search.budgets.granularity: global_percentile puts one threshold on scores of all layers, which only"
+            f" bn_gamma's are comparable across; search.importance also has {', '.join(incomparable)}"
+            " (use importance: bn_gamma with it, or another granularity such as target)"
+        )
     if search.gating_density is not None:
         _check_range(search.gating_density, "search.gating_density", low=0, high=1, open_low=True)
         if search.schedule != ["one_shot"]:
@@ -355,6 +362,8 @@ def validate(experiment: Experiment) -> Experiment:
         raise SpaceError(f"search.target_grid: must be 0 or more trials, got {search.target_grid}")
     if search.target_grid and "target" not in search.budgets.granularity:
         raise SpaceError("search.target_grid: needs search.budgets.granularity target (the grid fixes MACs targets)")
+    if search.bn_sparsity.high > 0 and epochs < 2:
+        raise SpaceError("search.bn_sparsity: its sparsity epoch is one of trial.epochs, which must then be at least 2")
     if search.eta <= 1:
         raise SpaceError(f"search.eta: must be > 1 (1/eta of the trials continue at each rung), got {search.eta:g}")
     if search.epoch_budget is not None and search.epoch_budget < epochs:

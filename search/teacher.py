@@ -82,6 +82,9 @@ def ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker:
             tracker.set_tags(run_id, {"reused_from": str(directory)})
             log(f"teacher: reusing {directory}")
         else:
+            stale = sorted(p.name for p in directory.parent.glob(directory.name.rsplit("-", 1)[0] + "-*") if p != directory)
+            if stale:
+                log(f"teacher: the files in {experiment.data.path} changed since {stale[-1]}: not reusing it")
             log(f"teacher: fine-tuning {experiment.model.arch} ({experiment.model.weights}) for {experiment.teacher.epochs} epochs")
             resources = _teacher_resources(experiment)
             task = ray.remote(**resources)(_train_teacher_task).remote(

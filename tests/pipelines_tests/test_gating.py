@@ -154,6 +154,20 @@ def test_expected_macs_of_gated_mobilenet_between_zero_and_dense() -> None:
         count_macs(model, image_size=IMAGE_SIZE, inputs=torch.zeros(1, 3, 16, 16))
 
 
+def test_expected_macs_over_batches_are_the_mean_over_every_image_whatever_their_order() -> None:
+    """Counted over the whole val split in batches (a class-sorted first batch cannot bias it):
+    with top-k gates each image keeps the same number of channels, so the per-image MACs agree."""
+    model = gated("mobilenet_v2", 0.5)
+    x = images(6)
+    whole = count_macs(model, image_size=IMAGE_SIZE, inputs=x).macs
+    assert count_macs(model, image_size=IMAGE_SIZE, inputs=[x[:1], x[1:4], x[4:]]).macs == pytest.approx(whole)
+    assert count_macs(model, image_size=IMAGE_SIZE, inputs=iter([x.flip(0)])).macs == pytest.approx(whole)
+    per_image = {count_macs(model, image_size=IMAGE_SIZE, inputs=x[i : i + 1]).macs for i in range(len(x))}
+    assert per_image == {whole}
+    with pytest.raises(ValueError, match="at least one image"):
+        count_macs(model, image_size=IMAGE_SIZE, inputs=[])
+
+
 def test_export_round_trip_of_gated_resnet18(tmp_path: Path) -> None:
     model = gated("resnet18", 0.5)
     gate = model.layer1[0].conv1

@@ -55,3 +55,8 @@ def test_preset_smoke_runs(space: Path, workdir: Path) -> None:
     trials = tracker.children(search.run_id, role="trial")
     assert len(trials) == 2 and all(r.status == "FINISHED" for r in trials)
     assert any(r.tags.get("pareto") == "true" for r in trials)
+    for run in trials:  # the achieved widths, whatever parametrisation produced them
+        kept = [v for k, v in run.metrics.items() if k.startswith("kept.")]
+        assert kept and run.metrics["keep_min"] == min(kept) and run.metrics["keep_max"] == max(kept)
+        if run.params["parametrisation"] in ("theta", "target"):
+            assert run.metrics["keep_mean"] < 1.0  # requested as a share or a MACs target, achieved as cut channels

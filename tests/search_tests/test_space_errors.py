@@ -94,6 +94,11 @@ _BAD: list[Any] = [
     pytest.param(setting("search.rungs", [3]), ("search.rungs[0]: 3 must rise and lie in [1, trial.epochs - 1 = 2]",), id="rung-at-last-epoch"),
     pytest.param(setting("search.rungs", [0]), ("search.rungs[0]: 0 must rise",), id="rung-0"),
     pytest.param(setting("search.eta", 1), ("search.eta: must be > 1",), id="eta-1"),
+    pytest.param(
+        setting("search.budgets.granularity", ["target", "global_percentile"]),
+        ("search.budgets.granularity: global_percentile", "only bn_gamma's are comparable", "also has l1"),
+        id="global-percentile-with-incomparable-scores",
+    ),
     pytest.param(setting("search.epoch_budget", 2), ("search.epoch_budget: 2 is below one trial's epochs (3)",), id="epoch-budget-below-a-trial"),
     pytest.param(setting("search.importance", "l9"), ("search.importance: unknown criterion 'l9'", "valid: activation, bn_gamma, l1, taylor, trajectory"), id="unknown-importance"),
     pytest.param(setting("search.num_trials", 0), ("search.num_trials: must be at least 1, got 0",), id="num-trials-0"),

@@ -1,0 +1,63 @@
+"""`run_trial` in process, on a tiny real teacher: what a trial reports, and what it reproduces."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
+from pipelines.data import prepare_animal_mnist
+from pipelines.trial import run_trial, train_teacher
+
+FINETUNE = FinetuneConfig(epochs=2, bn_recalibration_batches=2)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("trial")
+    data = DataConfig(path=str(prepare_animal_mnist(work / "animal_mnist")), image_size=32, max_images_per_class=12)
+    train_teacher(data=data, model=ModelConfig(), finetune=FinetuneConfig(epochs=1), output_dir=work / "teacher")
+    return {"data": data, "dir": work / "teacher", "work": work}
+
+
+def _run(teacher: dict, params: TrialParams, name: str, **kwargs) -> tuple[dict, list[dict]]:
+    epochs: list[dict] = []
+    metrics = run_trial(
+        params, data=teacher["data"], model=ModelConfig(), finetune=kwargs.pop("finetune", FINETUNE), teacher_dir=teacher["dir"],
+        output_dir=teacher["work"] / name, on_epoch_end=epochs.append, **kwargs,
+    )  # fmt: skip
+    return metrics, epochs
+
+
+TARGET = TrialParams(budget={"target_macs": 0.3, "depth_tilt": 0.0, "residual_tilt": 0.0}, parametrisation="target", criterion="l1")
+
+
+def test_the_same_trial_twice_gives_the_same_metrics_bit_for_bit(teacher: dict) -> None:
+    first, _ = _run(teacher, TARGET, "a")
+    second, _ = _run(teacher, TARGET, "b")
+    assert first == second
+
+
+def test_a_loss_choice_does_not_shift_the_training_random_stream(teacher: dict) -> None:
+    """A source-KD head of weight 0 is built (drawing random numbers) but changes no gradient."""
+    plain, _ = _run(teacher, replace(TARGET, losses={}), "plain")
+    with_head, _ = _run(teacher, replace(TARGET, losses={"source_kd": {"weight": 0.0, "temperature": 4.0}}), "head")
+    for name in ("val_accuracy", "test_accuracy", "macs"):
+        assert with_head[name] == plain[name], name
+
+
+def test_the_sparsity_epoch_is_one_of_the_trials_epochs(teacher: dict) -> None:
+    metrics, epochs = _run(teacher, replace(TARGET, bn_sparsity=1e-4), "sparse")
+    assert metrics["train_epochs_used"] == FINETUNE.epochs
+    assert [e["epoch"] for e in epochs] == [1, 2] and "loss_bn_l1" in epochs[0] and "loss_bn_l1" not in epochs[1]
+    assert all("macs" in e and "macs_ratio" in e for e in epochs)
+
+
+def test_warm_start_prunes_the_earlier_model_and_caps_channels_by_it(teacher: dict) -> None:
+    parent, _ = _run(teacher, replace(TARGET, budget={**TARGET.budget, "target_macs": 0.5}), "parent")
+    child, _ = _run(teacher, replace(TARGET, budget={**TARGET.budget, "depth_tilt": 2.0}), "child", start_from=teacher["work"] / "parent")
+    assert child["macs_ratio"] == pytest.approx(0.3, rel=0.02) and child["macs_ratio"] < parent["macs_ratio"]
+    assert child["keep_max"] <= parent["keep_max"]
+    with pytest.raises(ValueError, match="start_from needs"):
+        _run(teacher, replace(TARGET, losses={"l2sp": {"alpha": 0.1, "beta": 0.01}}), "refused", start_from=teacher["work"] / "parent")
