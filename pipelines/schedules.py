@@ -30,8 +30,11 @@ class PruningSession:
     image_size: int
     score: Callable[[nn.Module, list[nn.Module]], dict[nn.Module, torch.Tensor]]  # criterion on (student, followers)
     recalibrate: Callable[[nn.Module], None]  # BN statistics on train batches
-    val_loss_and_accuracy: Callable[[nn.Module], tuple[float, float]]
-    fit: Callable[[nn.Module, list[nn.Module], int], float]  # (student, followers, epochs) -> val accuracy
+    val_loss_and_accuracy: Callable[[nn.Module], tuple[float, float]]  # the proxy: val accuracy after the first cut
+    # Loss and accuracy that schedules decide on: a selection split carved from train, never val
+    # (val is the search's objective; deciding on it would make these trials look better than they are).
+    decide_loss_and_accuracy: Callable[[nn.Module], tuple[float, float]]
+    fit: Callable[[nn.Module, list[nn.Module], int], float]  # (student, followers, epochs) -> accuracy to decide on
     dense_scores: dict[nn.Module, torch.Tensor] | None = None  # the criterion on the unpruned student, if already computed
     proxy_accuracy: float | None = None
     rounds: list[dict[str, float]] = field(default_factory=list)
@@ -80,13 +83,13 @@ def round_counts(dense: dict[str, int], target: dict[str, int], fraction: float)
 def one_shot(session: PruningSession, *, epochs: int, rounds: int, max_drop: float) -> None:
     session.cut(session.target)
     val = session.fit(session.student, session.followers, epochs)
-    session.rounds.append({"round": 1, "val_accuracy": val})
+    session.rounds.append({"round": 1, "accuracy": val})
 
 
 def _stop_rule_rounds(session: PruningSession, *, epochs: int, rounds: int, max_drop: float, choose: Callable) -> None:
     """Shared loop of the iterative schedules: cut (via `choose`) -> fine-tune -> stop on a drop.
 
-    When a round's val accuracy falls more than `max_drop` below the best round, the model of
+    When a round's accuracy (on the selection split) falls more than `max_drop` below the best round, the model of
     the previous round is restored and pruning stops short of the target (the MACs then
     reported are those of the model actually kept).
     """
@@ -98,7 +101,7 @@ def _stop_rule_rounds(session: PruningSession, *, epochs: int, rounds: int, max_
         goal = round_counts(dense, session.target, i / len(plan))
         choose(session, goal, final=i == len(plan))
         val = session.fit(session.student, session.followers, round_epochs)
-        session.rounds.append({"round": i, "val_accuracy": val, "channels": float(sum(session.current().values()))})
+        session.rounds.append({"round": i, "accuracy": val, "channels": float(sum(session.current().values()))})
         if saved is not None and val < best - max_drop:
             session.restore(saved)
             session.rounds[-1]["reverted"] = 1.0
@@ -108,7 +111,7 @@ def _stop_rule_rounds(session: PruningSession, *, epochs: int, rounds: int, max_
 
 @SCHEDULES.register(
     "iterative",
-    description="TASCNet / Zhong: k rounds of prune -> fine-tune, stopping when val accuracy drops > max_drop below the best; knobs: rounds, max_drop",
+    description="TASCNet / Zhong: k rounds of prune -> fine-tune, stopping when the selection-split accuracy drops > max_drop below the best; knobs: rounds, max_drop",
 )
 def iterative(session: PruningSession, *, epochs: int, rounds: int, max_drop: float) -> None:
     _stop_rule_rounds(session, epochs=epochs, rounds=rounds, max_drop=max_drop, choose=lambda s, goal, final: s.cut(goal))
@@ -129,14 +132,14 @@ def _priority_cuts(session: PruningSession, goal: dict[str, int], *, final: bool
         scores = session.score(trial_model, trial_followers)
         prune_to_counts(trial_model, {name: goal[name]}, image_size=session.image_size, scores=scores)
         session.recalibrate(trial_model)
-        harm[name] = session.val_loss_and_accuracy(trial_model)[0]
+        harm[name] = session.decide_loss_and_accuracy(trial_model)[0]
     chosen = sorted(pending, key=harm.__getitem__)[: max(1, (len(pending) + 1) // 2)]
     session.cut({name: goal[name] for name in chosen})
 
 
 @SCHEDULES.register(
     "priority",
-    description="Zhong et al. 2018: per round, cut first the groups whose candidate cut hurts val loss least; knobs: rounds, max_drop",
+    description="Zhong et al. 2018: per round, cut first the groups whose candidate cut hurts the selection-split loss least; knobs: rounds, max_drop",
 )
 def priority(session: PruningSession, *, epochs: int, rounds: int, max_drop: float) -> None:
     _stop_rule_rounds(session, epochs=epochs, rounds=rounds, max_drop=max_drop, choose=_priority_cuts)

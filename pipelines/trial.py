@@ -37,6 +37,7 @@ EpochCallback = Callable[[dict[str, float]], None]
 TEACHER_LOGITS_FILE = "train_logits.safetensors"
 TRAJECTORY_FILE = "trajectory.safetensors"
 _FOLLOWER_TERMS = SOURCE_TERMS | {"l2sp"}  # losses that need the pretrained network pruned in step with the student
+SELECTION_EVERY = 10  # iterative / priority trials hold out 1 train image in 10 per class to decide on
 
 
 def _finish(
@@ -189,6 +190,22 @@ def _sparsify_bn(
     _fit(model, splits, loss_fn=loss_fn, lr=lr, epochs=1, finetune=finetune, weight_decay=0.0, flip=False, on_epoch_end=on_epoch_end)
 
 
+def _selection_indices(train: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) positions: every SELECTION_EVERY-th image of each class with at least two
+    images is held out as the selection split of schedules that decide during training."""
+    held = torch.zeros(len(train), dtype=torch.bool)
+    labels = train.labels.cpu()
+    for label in labels.unique():
+        positions = (labels == label).nonzero().flatten()
+        if len(positions) >= 2:
+            held[positions[SELECTION_EVERY - 1 :: SELECTION_EVERY] if len(positions) >= SELECTION_EVERY else positions[-1:]] = True
+    return (~held).nonzero().flatten().to(train.labels.device), held.nonzero().flatten().to(train.labels.device)
+
+
+def _subset(split: Split, index: torch.Tensor) -> Split:
+    return Split(images=split.images[index], labels=split.labels[index])
+
+
 def _class_weights(train: Split, num_classes: int) -> torch.Tensor:
     counts = torch.bincount(train.labels, minlength=num_classes).float().clamp(min=1)
     return counts.sum() / (num_classes * counts)
@@ -226,8 +243,8 @@ def run_trial(
     Each epoch reports the loss parts, `val_accuracy`, `macs` and `macs_ratio` to `on_epoch_end`.
     Returns `proxy_accuracy` (after the first cut + BN recalibration, before fine-tuning),
     `val_accuracy`, `test_accuracy`, `macs` (expected over val images for gated models), `params`,
-    `macs_ratio` (vs the teacher), `rounds` (pruning rounds kept), `round<i>_val_accuracy` for
-    every round, and `kept.<group>`, the achieved fraction of each group's channels (before gating),
+    `macs_ratio` (vs the teacher), `rounds` (pruning rounds kept), `round<i>_accuracy` for every
+    round (what the schedule decided on: the selection split for iterative/priority, else val), and `kept.<group>`, the achieved fraction of each group's channels (before gating),
     with its summary `keep_min` / `keep_mean` / `keep_max`.
     """
     if params.densities and params.schedule != "one_shot":
@@ -243,6 +260,10 @@ def run_trial(
     teacher_logits = load_file(teacher_dir / TEACHER_LOGITS_FILE)["logits"].to(device)
     if len(teacher_logits) != len(splits.train):
         raise ValueError(f"{teacher_dir} holds logits for {len(teacher_logits)} train images, the data has {len(splits.train)}")
+    selection = None
+    if params.schedule != "one_shot":  # it decides during training: on images held out of train, not on val
+        trained, held_out = _selection_indices(splits.train)
+        splits, selection, teacher_logits = replace(splits, train=_subset(splits.train, trained)), _subset(splits.train, held_out), teacher_logits[trained]
     groups = prunable_groups(dense, image_size=data.image_size)
     budget_inputs = BudgetInputs(
         groups=groups,
@@ -339,12 +360,12 @@ def run_trial(
         finally:
             objective.close()
         epochs_done += epochs
-        return val
+        return val if selection is None else evaluate(net, selection, amp=finetune.amp)
 
-    def val_loss_and_accuracy(net: nn.Module) -> tuple[float, float]:
-        logits = predict_logits(net, splits.val, amp=finetune.amp)
-        loss = torch.nn.functional.cross_entropy(logits, splits.val.labels).item()
-        return loss, (logits.argmax(1) == splits.val.labels).float().mean().item()
+    def loss_and_accuracy(net: nn.Module, split: Split) -> tuple[float, float]:
+        logits = predict_logits(net, split, amp=finetune.amp)
+        loss = torch.nn.functional.cross_entropy(logits, split.labels).item()
+        return loss, (logits.argmax(1) == split.labels).float().mean().item()
 
     session = PruningSession(
         student=student,
@@ -357,7 +378,8 @@ def run_trial(
         recalibrate=lambda net: recalibrate_bn(
             net, splits.train, num_batches=finetune.bn_recalibration_batches, batch_size=finetune.batch_size, seed=finetune.seed
         ),
-        val_loss_and_accuracy=val_loss_and_accuracy,
+        val_loss_and_accuracy=lambda net: loss_and_accuracy(net, splits.val),
+        decide_loss_and_accuracy=lambda net: loss_and_accuracy(net, selection if selection is not None else splits.val),
         fit=fit,
     )
     SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs - epochs_done, rounds=params.rounds, max_drop=params.max_drop)
@@ -370,7 +392,7 @@ def run_trial(
     extra.update({f"kept.{name}": fraction for name, fraction in achieved.items()})
     kept = list(achieved.values())
     extra.update(keep_min=min(kept), keep_mean=sum(kept) / len(kept), keep_max=max(kept))
-    extra.update({f"round{r['round']}_val_accuracy": r["val_accuracy"] for r in session.rounds})  # every round, reverted too
+    extra.update({f"round{r['round']}_accuracy": r["accuracy"] for r in session.rounds})  # every round, reverted too
     if params.densities:
         from pipelines.gating import channel_usage, freeze_static_channels
 

@@ -61,3 +61,19 @@ def test_warm_start_prunes_the_earlier_model_and_caps_channels_by_it(teacher: di
     assert child["keep_max"] <= parent["keep_max"]
     with pytest.raises(ValueError, match="start_from needs"):
         _run(teacher, replace(TARGET, losses={"l2sp": {"alpha": 0.1, "beta": 0.01}}), "refused", start_from=teacher["work"] / "parent")
+
+
+def test_iterative_schedules_decide_on_a_selection_split_held_out_of_train_not_on_val(teacher: dict) -> None:
+    from pipelines.data import load_data
+    from pipelines.export import load_model
+    from pipelines.train import evaluate
+    from pipelines.trial import _selection_indices, _subset
+
+    params = replace(TARGET, schedule="iterative", rounds=2, max_drop=1.0)  # max_drop 1: never revert, keep the last round
+    metrics, _ = _run(teacher, params, "iterative")
+    splits = load_data(teacher["data"])
+    _, held_out = _selection_indices(splits.train)
+    model, _ = load_model(teacher["work"] / "iterative")
+    assert len(held_out) == len(splits.classes)  # 1 in 10 of ~8 train images per class: the last one
+    assert metrics["round2_accuracy"] == pytest.approx(evaluate(model, _subset(splits.train, held_out)))
+    assert metrics["val_accuracy"] == pytest.approx(evaluate(model, splits.val))
