@@ -6,15 +6,21 @@ import sys
 from pathlib import Path
 
 from search._helpers import UsageError
+from search.report import RUN_COLUMNS  # light: matplotlib and MLflow are imported only when used
 
 EXAMPLES = """examples:
   slimtune search spaces/quickstart.yaml                 # the embedded demo, ~7 min on 2 CPU cores
   slimtune search spaces/quickstart.yaml --smoke-test    # the same pipeline shrunk to about a minute
   slimtune search my_space.yaml --address auto --tracking-uri http://10.0.0.5:5000   # on a Ray cluster
-  slimtune pareto quickstart                             # the accuracy-vs-MACs front of the latest search
+  slimtune pareto quickstart                             # the accuracy-vs-MACs front of the newest finished search
+  slimtune runs quickstart --sort val                    # every trial: status, MACs target, accuracies, front
   slimtune fetch quickstart --max-macs 12M -o model/     # the best front model under 12M MACs
   slimtune methods                                       # every criterion, parametrisation, schedule, loss
 """
+
+
+def _add_search_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--search", default=None, metavar="RUN_ID", help="a search's parent run id (default: the newest finished search)")
 
 
 def _add_store_args(parser: argparse.ArgumentParser) -> None:
@@ -59,7 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pareto.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
+    _add_search_arg(pareto)
     _add_store_args(pareto)
+
+    runs = commands.add_parser(
+        "runs",
+        help="list every trial of a search: status, knobs, accuracies, MACs, front membership",
+        description="One line per trial of the newest finished search of EXPERIMENT (or --search): finished, stopped"
+        " (by successive halving), failed or killed; what it started from; its MACs target; proxy / val / test"
+        " accuracy; MACs; params; whether it is on the front.",
+        epilog="examples:\n  slimtune runs quickstart\n  slimtune runs quickstart --sort val\n  slimtune runs quickstart --json > trials.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    runs.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
+    runs.add_argument("--sort", default="macs", choices=RUN_COLUMNS, help="column to sort by (default: macs)")
+    runs.add_argument("--json", action="store_true", help="print every trial's knobs and metrics as JSON instead")
+    _add_search_arg(runs)
+    _add_store_args(runs)
 
     fetch = commands.add_parser(
         "fetch",
@@ -72,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
     fetch.add_argument("--max-macs", required=True, metavar="N", help="MACs budget per image, e.g. 12M, 800K, 1.5G")
     fetch.add_argument("-o", "--to", default="slimtune-model", metavar="DIR", help="where to write the model (default: ./slimtune-model)")
+    _add_search_arg(fetch)
     _add_store_args(fetch)
 
     commands.add_parser(
@@ -160,20 +183,47 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pareto(args: argparse.Namespace) -> None:
+def _load_front(args: argparse.Namespace, tracker=None, *, say=print):
+    """The front `--search` names, else the newest finished search's; says which, and what is newer."""
     from search.front import load_front
 
-    front = load_front(_tracker(args), args.experiment)
-    _print_front(front, header=f"Pareto front of {args.experiment!r}, search run {front.search.name} (MACs per image):")
+    tracker = tracker or _tracker(args)
+    front = load_front(tracker, args.experiment, search_id=args.search)
+    newest = tracker.latest_search()
+    note = f" (a newer search, {newest.run_id}, is {newest.status}: --search {newest.run_id} shows it)" if newest and newest.run_id != front.search.run_id and args.search is None else ""
+    partial = "" if front.search.status == "FINISHED" else f" -- {front.search.status}: a partial front"
+    say(f"search run {front.search.name} ({front.search.run_id}){partial}{note}")
+    return front
+
+
+def _pareto(args: argparse.Namespace) -> None:
+    front = _load_front(args)
+    _print_front(front, header=f"Pareto front of {args.experiment!r} (MACs per image):")
+
+
+def _runs(args: argparse.Namespace) -> None:
+    import json
+
+    from search.report import run_rows, runs_table
+
+    front = _load_front(args, say=(lambda line: None) if args.json else print)  # --json: nothing but JSON on stdout
+    rows = run_rows(front.trials, front=front.front)
+    rows.sort(key=lambda row: (row[args.sort] is None, row[args.sort] if row[args.sort] is not None else 0))
+    if args.json:
+        print(json.dumps(rows, indent=1, default=str))
+        return
+    print(runs_table(rows))
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("finished", "stopped", "failed", "killed")}
+    print(", ".join(f"{n} {status}" for status, n in counts.items()) + f"; {len(front.front)} on the front")
 
 
 def _fetch(args: argparse.Namespace) -> None:
     from search._helpers import format_count, parse_macs
-    from search.front import choose_under_budget, load_front
+    from search.front import choose_under_budget
 
     budget = parse_macs(args.max_macs)
     tracker = _tracker(args)
-    front = load_front(tracker, args.experiment)
+    front = _load_front(args, tracker)
     chosen = choose_under_budget(front.front, budget)
     destination = Path(args.to)
     path = tracker.download(chosen.run_id, "model", destination.parent / f".{destination.name}.download")
@@ -220,7 +270,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"search": _search, "pareto": _pareto, "fetch": _fetch, "methods": _methods, "prepare-data": _prepare}
+    handlers = {"search": _search, "pareto": _pareto, "runs": _runs, "fetch": _fetch, "methods": _methods, "prepare-data": _prepare}
     try:
         return handlers[args.command](args) or 0
     except UsageError as error:

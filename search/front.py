@@ -64,14 +64,27 @@ def front_of(tracker: Tracker, search: RunRecord) -> SearchFront:
     )
 
 
-def load_front(tracker: Tracker, experiment: str) -> SearchFront:
-    """The front of the latest search of `experiment`; UsageError if there is none."""
-    search = tracker.latest_search()
+def load_front(tracker: Tracker, experiment: str, *, search_id: str | None = None) -> SearchFront:
+    """The front of search run `search_id`, else of the newest FINISHED search; UsageError if none.
+
+    A search that is running, was killed or failed has a partial front: it is shown only when
+    asked for by id (SearchFront.search.status says which it is).
+    """
+    where = f"in {tracker.tracking_uri}; pass the --output / --tracking-uri the search used"
+    if search_id is not None:
+        search = tracker.search_run(search_id)
+        if search is None:
+            raise UsageError(f"--search: no search run {search_id!r} in experiment {experiment!r} {where}")
+        return front_of(tracker, search)
+    search = tracker.latest_search(status="FINISHED")
     if search is None:
-        raise UsageError(
-            f"no search named {experiment!r} in {tracker.tracking_uri}; run `slimtune search SPACE.yaml` first,"
-            " or pass the --output / --tracking-uri the search used"
-        )
+        newest = tracker.latest_search()
+        if newest is not None:
+            raise UsageError(
+                f"no finished search of {experiment!r} yet; the newest, {newest.run_id}, is {newest.status}:"
+                f" pass --search {newest.run_id} to see its partial front"
+            )
+        raise UsageError(f"no search named {experiment!r} {where}, or run `slimtune search SPACE.yaml` first")
     return front_of(tracker, search)
 
 

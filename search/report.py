@@ -12,7 +12,7 @@ from pathlib import Path
 from search._helpers import format_count
 from search.tracking import RunRecord
 
-__all__ = ["FrontRow", "front_rows", "front_table", "front_csv", "front_json", "plot_front"]
+__all__ = ["FrontRow", "front_rows", "front_table", "front_csv", "front_json", "plot_front", "RUN_COLUMNS", "run_rows", "runs_table"]
 
 
 @dataclass(frozen=True)
@@ -128,3 +128,57 @@ def plot_front(
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+RUN_COLUMNS = ("trial", "status", "from", "target", "val", "test", "proxy", "macs", "x_teacher", "params", "front")
+_STATUS = {"FINISHED": "finished", "KILLED": "stopped", "FAILED": "failed", "RUNNING": "running"}
+
+
+def run_rows(trials: Sequence[RunRecord], *, front: Sequence[RunRecord]) -> list[dict]:
+    """One row per trial run, any status: `RUN_COLUMNS`, plus every knob and metric under `knobs`/`metrics`."""
+    members = {r.run_id for r in front}
+    rows = []
+    for run in trials:
+        m = run.metrics
+        status = _STATUS.get(run.status, run.status.lower())
+        if run.status == "KILLED" and "stopped_at_epoch" not in run.tags:
+            status = "killed"  # ended by the driver or an interruption, not by successive halving
+        rows.append(
+            {
+                "trial": run.tags.get("slimtune.trial_id", run.name),
+                "status": status,
+                "from": run.params.get("start_from", "-"),
+                "target": float(run.params["target_macs"]) if "target_macs" in run.params else None,
+                "val": m.get("val_accuracy"),
+                "test": m.get("test_accuracy"),
+                "proxy": m.get("proxy_accuracy"),
+                "macs": m.get("macs"),
+                "x_teacher": m.get("macs_ratio"),
+                "params": m.get("params"),
+                "front": run.run_id in members,
+                "run_id": run.run_id,
+                "knobs": dict(run.params),
+                "metrics": dict(m),
+                "error": run.tags.get("error"),
+            }
+        )
+    return rows
+
+
+def runs_table(rows: Sequence[dict]) -> str:
+    def cell(column: str, value: object) -> str:
+        if value is None:
+            return "-"
+        if column == "front":
+            return "yes" if value else ""
+        if column in ("macs", "params"):
+            return format_count(float(value))
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value)
+
+    lines = [[column.replace("_", " ") for column in RUN_COLUMNS]]
+    lines += [[cell(column, row[column]) for column in RUN_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(RUN_COLUMNS))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*lines[0]), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in lines[1:])])

@@ -93,8 +93,15 @@ class Tracker:
     def get(self, run_id: str) -> RunRecord:
         return _record(self.client.get_run(run_id))
 
-    def latest_search(self) -> RunRecord | None:
-        runs = self._search(f"tags.`{ROLE_TAG}` = 'search'", max_results=1)
+    def latest_search(self, *, status: str | None = None) -> RunRecord | None:
+        """The newest search run (of `status`, e.g. FINISHED, if given)."""
+        condition = f" and attributes.status = '{status}'" if status else ""
+        runs = self._search(f"tags.`{ROLE_TAG}` = 'search'{condition}", max_results=1)
+        return runs[0] if runs else None
+
+    def search_run(self, run_id: str) -> RunRecord | None:
+        """The search run `run_id` of this experiment, or None."""
+        runs = self._search(f"tags.`{ROLE_TAG}` = 'search' and attributes.run_id = '{run_id}'", max_results=1)
         return runs[0] if runs else None
 
     def children(self, parent_id: str, *, role: str) -> list[RunRecord]:

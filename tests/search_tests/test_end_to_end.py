@@ -41,7 +41,8 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> dict:
     (work / "tiny.yaml").write_text(yaml.safe_dump(space))
     result = _slimtune("search", "tiny.yaml", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
-    return {"work": work, "stdout": result.stdout, "tracker": Tracker(f"sqlite:///{work}/slimtune-runs/mlflow.db", "tiny")}
+    tracker = Tracker(f"sqlite:///{work}/slimtune-runs/mlflow.db", "tiny")
+    return {"work": work, "stdout": result.stdout, "tracker": tracker, "search_id": tracker.latest_search().run_id}
 
 
 def test_search_prints_front_and_mlflow_command(searched: dict) -> None:
@@ -179,3 +180,34 @@ def test_gpus_on_a_machine_without_them_is_a_one_line_error_before_anything_trai
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "search.gpus_per_trial: 1 GPU per trial" in result.stderr
     assert tracker.latest_search().run_id == before  # no parent run, no teacher, no trial
+
+
+def test_runs_lists_every_trial_sorted_and_as_json(searched: dict) -> None:
+    import json
+
+    result = _slimtune("runs", "tiny", "--sort", "val", "--search", searched["search_id"], cwd=searched["work"])  # not a later test's
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("trial "))
+    assert lines[header].split()[:4] == ["trial", "status", "from", "target"]
+    body = lines[header + 2 : header + 5]
+    assert len(body) == 3 and all(" finished " in line for line in body)
+    assert "3 finished, 0 stopped, 0 failed, 0 killed" in result.stdout
+    rows = json.loads(_slimtune("runs", "tiny", "--json", "--search", searched["search_id"], cwd=searched["work"]).stdout)
+    assert len(rows) == 3 and {"knobs", "metrics", "front"} <= set(rows[0])
+    assert [row["macs"] for row in rows] == sorted(row["macs"] for row in rows)  # the default sort
+    assert sum(row["front"] for row in rows) >= 1
+
+
+def test_pareto_shows_the_newest_finished_search_and_names_a_newer_unfinished_one(searched: dict) -> None:
+    tracker: Tracker = searched["tracker"]
+    finished = tracker.latest_search(status="FINISHED")
+    running = tracker.start_run("search-in-progress", role="search")
+    try:
+        result = _slimtune("pareto", "tiny", cwd=searched["work"])
+        assert result.returncode == 0, result.stderr
+        assert finished.run_id in result.stdout and f"a newer search, {running}, is RUNNING" in result.stdout
+        partial = _slimtune("pareto", "tiny", "--search", running, cwd=searched["work"])
+        assert partial.returncode == 0 and "RUNNING: a partial front" in partial.stdout
+    finally:
+        tracker.end_run(running, "KILLED")
