@@ -21,10 +21,11 @@ from torch import nn
 
 from pipelines.gating import ChannelGate, add_gates, gate_spec, named_gates
 
-__all__ = ["channel_spec", "save_model", "load_model", "MODEL_FILE", "SPEC_FILE"]
+__all__ = ["channel_spec", "save_model", "load_model", "export_onnx", "MODEL_FILE", "SPEC_FILE", "ONNX_FILE"]
 
 MODEL_FILE = "model.safetensors"
 SPEC_FILE = "channel_spec.json"
+ONNX_FILE = "model.onnx"
 SPEC_VERSION = 1
 
 
@@ -109,3 +110,26 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
                 raise ValueError(f"{directory}: gate {name} found BN {gate.bn_name}, the spec says {gates[name]['bn']}")
     model.load_state_dict(load_file(directory / MODEL_FILE))
     return model.eval(), spec
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, spec: dict[str, Any]) -> Path:
+    """`model` as one ONNX file with a dynamic batch axis; normalisation, class names and input
+    size in its metadata (`mean`, `std`, `classes`, `image_size`, JSON). A gated model is computed
+    densely by an ONNX runtime (its MACs saving needs slimtune's gates)."""
+    import onnx
+    import torch
+
+    path = Path(path)
+    size = int(spec["image_size"])
+    example = torch.zeros(2, 3, size, size)
+    program = torch.onnx.export(
+        model.eval().cpu(), (example,), input_names=["images"], output_names=["logits"],
+        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+    )  # fmt: skip
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    for key in ("mean", "std", "classes", "image_size"):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(spec[key])
+    onnx.save(proto, str(path))
+    return path

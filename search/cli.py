@@ -237,6 +237,20 @@ def _fetch(args: argparse.Namespace) -> None:
         f"wrote {destination}/ : trial {chosen.tags.get('slimtune.trial_id')}, val acc {m['val_accuracy']:.3f},"
         f" test acc {m['test_accuracy']:.3f}, {format_count(m['macs'])} MACs, {format_count(m['params'])} params"
     )
+    _write_onnx(destination)
+
+
+def _write_onnx(directory: Path) -> None:
+    """Add model.onnx beside the safetensors model; a model the exporter cannot take is said in one line."""
+    from pipelines.export import ONNX_FILE, export_onnx, load_model
+
+    model, spec = load_model(directory)
+    try:
+        export_onnx(model, directory / ONNX_FILE, spec=spec)
+    except Exception as error:  # the exporter's failures are many and version-specific; the model itself is fine
+        print(f"{directory / ONNX_FILE}: not written, the ONNX exporter failed ({type(error).__name__}); the safetensors model is complete")
+        return
+    print(f"wrote {directory / ONNX_FILE} (dynamic batch; mean, std, classes and image_size in its metadata)")
 
 
 def _methods(args: argparse.Namespace) -> None:

@@ -206,6 +206,22 @@ def test_export_round_trip_keeps_the_fill_of_gated_mobilenet(tmp_path: Path) -> 
         assert torch.equal(loaded(images()), model(images()))
 
 
+def test_onnx_export_of_a_gated_model_gives_the_gated_logits(tmp_path: Path) -> None:
+    import onnxruntime
+
+    from pipelines.export import export_onnx
+
+    model = gated("resnet18", 0.5).eval()
+    spec = {"image_size": IMAGE_SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "classes": list("abcdefghij")}
+    session = onnxruntime.InferenceSession(str(export_onnx(copy.deepcopy(model), tmp_path / "m.onnx", spec=spec)))
+    x = images(5)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.no_grad():
+        assert (expected - _plain("resnet18")(x)).abs().max() > 1e-3  # the gates change the logits
+    assert abs(session.run(None, {"images": x.numpy()})[0] - expected.numpy()).max() < 1e-5
+
+
 def test_plain_spec_has_no_gates(tmp_path: Path) -> None:
     save_model(_plain("resnet18"), tmp_path, arch="resnet18", metadata={})
     spec = json.loads((tmp_path / SPEC_FILE).read_text())

@@ -97,7 +97,7 @@ def test_fetch_returns_the_logged_model(searched: dict) -> None:
     tracker: Tracker = searched["tracker"]
     result = _slimtune("fetch", "tiny", "--max-macs", "1G", "-o", "best", cwd=work)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (work / "best").iterdir()) == ["channel_spec.json", "config.yaml", "model.safetensors"]
+    assert sorted(p.name for p in (work / "best").iterdir()) == ["channel_spec.json", "config.yaml", "model.onnx", "model.safetensors"]
     model, spec = load_model(work / "best")
     config = yaml.safe_load((work / "best" / "config.yaml").read_text())
     splits = load_data(DataConfig(**config["data"]))
