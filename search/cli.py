@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser(
         "fetch",
         help="download the most accurate Pareto model under a MACs budget",
-        description="Write model.safetensors + channel_spec.json + config.yaml of the front model with the best"
-        " val accuracy among those with at most --max-macs MACs (multiply-accumulates per image).",
+        description="Write model.safetensors + channel_spec.json + config.yaml (and the same network as"
+        " model.onnx) of the front model with the best val accuracy among those with at most --max-macs MACs"
+        " (multiply-accumulates per image).",
         epilog="example:\n  slimtune fetch quickstart --max-macs 12M -o my_model/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -143,10 +144,9 @@ def _print_front(front, *, header: str) -> None:
 
     print(header)
     print(front_table(front_rows(front.front)))
-    stopped = sum(r.status == "KILLED" for r in front.trials)
-    failed = len(front.trials) - len(front.finished) - stopped
+    unfinished = len(front.trials) - len(front.finished) - len(front.stopped)
     print(
-        f"{len(front.finished)} trials finished, {stopped} stopped early, {failed} failed or unfinished;"
+        f"{len(front.finished)} trials finished, {len(front.stopped)} stopped early, {unfinished} failed, killed or interrupted;"
         " the front is non-dominated on (val acc max, MACs min)."
     )
     if front.teacher is not None:
@@ -160,7 +160,7 @@ def _print_front(front, *, header: str) -> None:
 def _search(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from search.run import run_search
+    from search.run import SearchInterrupted, run_search
     from search.space import load_space, validate
 
     experiment = load_space(args.space)
@@ -168,7 +168,19 @@ def _search(args: argparse.Namespace) -> int:
         experiment = experiment.smoke()
     if args.num_trials is not None:
         experiment = validate(dataclasses.replace(experiment, search=dataclasses.replace(experiment.search, num_trials=args.num_trials)))
-    outcome = run_search(experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address, storage=args.storage)
+    try:
+        outcome = run_search(experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address, storage=args.storage)
+    except SearchInterrupted as stop:
+        front = stop.front
+        _print_front(front, header=f"\nPartial Pareto front of {experiment.name!r} ({stop}):")
+        print(
+            f"\nslimtune: {stop}: {len(front.finished)} of {experiment.search.num_trials} trials finished and are kept in MLflow;"
+            f" {len(stop.trial_ids)} running trial(s) ended KILLED with the tag 'slimtune.interrupted'; the search run"
+            f" {front.search.run_id} ended KILLED with this partial front (slimtune pareto {experiment.name} --search {front.search.run_id})."
+            " Resuming is not built yet: running the same command again starts a new search and reuses the teacher.",
+            file=sys.stderr,
+        )
+        return stop.exit_code
     _print_front(outcome.front, header=f"\nPareto front of {experiment.name!r} (MACs = multiply-accumulates per image):")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"\nBrowse the runs:  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {outcome.tracking_uri} --port 5000")
@@ -290,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"slimtune: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the trials (the teacher, loading data): nothing partial to keep
+        print("slimtune: interrupted", file=sys.stderr)
+        return 130
     except Exception as error:
         from pipelines.data import DataError
         from pipelines.models import WeightsUnavailableError

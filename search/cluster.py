@@ -22,6 +22,7 @@ def configure_ray_environment() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its boxes and tables would interleave with our progress lines
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # slimtune's own handler stops the trials and labels them (search.run)
 
 
 def start_ray(address: str | None) -> str:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, replace
 
 from search._helpers import UsageError, format_count
 from search.pareto import Point, hypervolume, pareto_front
-from search.tracking import ANCHOR_TAG, RunRecord, Tracker
+from search.tracking import ANCHOR_TAG, STOPPED_TAG, RunRecord, Tracker
 
 __all__ = ["SearchFront", "front_of", "load_front", "choose_under_budget", "front_hypervolume"]
 
@@ -17,6 +17,7 @@ class SearchFront:
     search: RunRecord
     trials: list[RunRecord]  # every trial run of the search, any status
     finished: list[RunRecord]  # FINISHED with all final metrics
+    stopped: list[RunRecord]  # stopped by successive halving (KILLED with STOPPED_TAG)
     front: list[RunRecord]  # non-dominated finished trials, by MACs ascending
     teacher: RunRecord | None
     anchors: list[RunRecord]  # the finished uniform-allocation anchor trials
@@ -56,6 +57,7 @@ def front_of(tracker: Tracker, search: RunRecord) -> SearchFront:
         search=search,
         trials=trials,
         finished=finished,
+        stopped=[r for r in trials if r.status == "KILLED" and STOPPED_TAG in r.tags],
         front=[by_id[p.key] for p in pareto_front(_points(trials, "val_accuracy"))],
         teacher=teacher,
         anchors=anchors,

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search._helpers import format_count
-from search.tracking import RunRecord
+from search.tracking import INTERRUPTED_TAG, STOPPED_TAG, RunRecord
 
 __all__ = ["FrontRow", "front_rows", "front_table", "front_csv", "front_json", "plot_front", "RUN_COLUMNS", "run_rows", "runs_table"]
 
@@ -141,8 +141,8 @@ def run_rows(trials: Sequence[RunRecord], *, front: Sequence[RunRecord]) -> list
     for run in trials:
         m = run.metrics
         status = _STATUS.get(run.status, run.status.lower())
-        if run.status == "KILLED" and "stopped_at_epoch" not in run.tags:
-            status = "killed"  # ended by the driver or an interruption, not by successive halving
+        if run.status == "KILLED" and STOPPED_TAG not in run.tags:
+            status = "interrupted" if INTERRUPTED_TAG in run.tags else "killed"  # by a signal, or ended by the driver
         rows.append(
             {
                 "trial": run.tags.get("slimtune.trial_id", run.name),

@@ -4,9 +4,12 @@ Ray, Optuna and MLflow are imported here (not at CLI start-up) so that `slimtune
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,9 @@ from search.knobs import anchor_points, resolve, search_space, target_grid, tria
 from search.layout import Layout
 from search.space import Experiment, SpaceError, to_dict
 from search.teacher import ensure_teacher
-from search.tracking import PARETO_TAG, Tracker
+from search.tracking import INTERRUPTED_TAG, PARETO_TAG, STOPPED_TAG, TRIAL_TAG, Tracker
 
-__all__ = ["run_search", "SearchOutcome"]
+__all__ = ["run_search", "SearchOutcome", "SearchInterrupted"]
 
 Log = Callable[[str], None]
 
@@ -31,6 +34,45 @@ class SearchOutcome:
     layout: Layout
     tracking_uri: str
     front: SearchFront
+
+
+class SearchInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the trials. Finished trials stay in MLflow, running ones end KILLED
+    with the tag `slimtune.interrupted`, and the partial front is published on the parent run,
+    which ends KILLED."""
+
+    def __init__(self, signum: int, *, trial_ids: list[str], front: SearchFront | None = None) -> None:
+        self.signum, self.trial_ids, self.front = signum, list(trial_ids), front
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
+
+
+class _StopRequest:
+    """The first SIGINT or SIGTERM received while the trials run; a second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _handling_signals(request: _StopRequest) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+    previous = {signum: signal.signal(signum, request) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _sampler(experiment: Experiment, *, startup: int) -> Any:
@@ -84,8 +126,9 @@ def _progress_callback(total: int, log: Log) -> Any:
     return Progress()
 
 
-def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: Any, study_name: str, storage: str | None, log: Log) -> Any:
-    """Run the trials; returns the searcher (its study, counts of epochs and skipped repeats)."""
+def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: Any, study_name: str, storage: str | None, log: Log) -> tuple[Any, SearchInterrupted | None]:
+    """Run the trials; returns the searcher (its study, counts of epochs and skipped repeats) and,
+    if a signal stopped them, what to raise once the partial front is published."""
     import optuna
     from ray import tune
 
@@ -117,6 +160,15 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
         epoch_budget=s.epoch_budget,
         can_warm_start=can_warm_start if s.warm_start == "front" else None,
     )
+    request = _StopRequest()
+
+    class StopOnSignal(tune.Stopper):  # Tune ends every trial when stop_all() turns true
+        def __call__(self, trial_id: str, result: dict) -> bool:
+            return False
+
+        def stop_all(self) -> bool:
+            return request.signum is not None
+
     trainable = tune.with_resources(
         tune.with_parameters(run_tune_trial, context=context), {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
     )
@@ -133,6 +185,7 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
             name=study_name,
             storage_path=storage or str(layout.ray_storage),
             failure_config=tune.FailureConfig(max_failures=0),
+            stop=StopOnSignal(),
             verbose=0,
             callbacks=[_progress_callback(s.num_trials, log)],
         ),
@@ -144,18 +197,28 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
         f" sampler {s.sampler} (seed {s.seed}), warm start from {s.warm_start}{halving}{budget}"
     )
     started = time.perf_counter()
-    tuner.fit()
+    with _handling_signals(request):
+        tuner.fit()
     searcher.seconds = time.perf_counter() - started
     if searcher.repeats_skipped:
         log(f"search: skipped {searcher.repeats_skipped} repeated configuration(s) the sampler proposed")
-    return searcher
+    interrupted = None if request.signum is None else SearchInterrupted(request.signum, trial_ids=searcher.close_interrupted())
+    return searcher, interrupted
 
 
-def _end_unfinished(tracker: Tracker, parent_id: str) -> None:
+def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInterrupted | None = None) -> None:
     """A trial process killed before its own `except` (a lost worker, a hard stop) leaves its run
-    RUNNING: end it KILLED, so that no run of the search stays RUNNING."""
+    RUNNING: end it KILLED, so that no run of the search stays RUNNING. The trials a signal stopped
+    are marked interrupted (Tune stops them as successive halving would: they must not read as such)."""
+    stopped_by_signal = set(interrupted.trial_ids) if interrupted else set()
     for run in tracker.children(parent_id, role="trial"):
-        if run.status == "RUNNING":
+        if run.tags.get(TRIAL_TAG) in stopped_by_signal:
+            if STOPPED_TAG in run.tags:
+                tracker.delete_tag(run.run_id, STOPPED_TAG)
+            tracker.set_tags(run.run_id, {INTERRUPTED_TAG: signal.Signals(interrupted.signum).name})
+            if run.status == "RUNNING":
+                tracker.end_run(run.run_id, "KILLED")
+        elif run.status == "RUNNING":
             tracker.set_tags(run.run_id, {"error": "the trial process ended without reporting a final status"})
             tracker.end_run(run.run_id, "KILLED")
 
@@ -181,11 +244,11 @@ def _publish_front(
             path=layout.directory / "front.png",
         )
         tracker.log_artifact(parent_id, path)
-    stopped = sum(r.status == "KILLED" for r in front.trials)
     counts = {
         "finished_trials": len(front.finished),
-        "stopped_trials": stopped,
-        "failed_trials": len(front.trials) - len(front.finished) - stopped,
+        "stopped_trials": len(front.stopped),
+        "failed_trials": sum(r.status == "FAILED" for r in front.trials),
+        "interrupted_trials": sum(INTERRUPTED_TAG in r.tags for r in front.trials),
         "front_size": len(front.front),
         "fine_tune_epochs": epochs,
         "trial_phase_seconds": seconds,
@@ -270,17 +333,25 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
             splits=splits,
             teacher=pack(teacher_dir),
         )
+        interrupted = None
         try:
-            searcher = _run_trials(experiment, layout, context, macs=macs, study_name=f"{experiment.name}-{stamp}", storage=storage, log=log)
+            searcher, interrupted = _run_trials(experiment, layout, context, macs=macs, study_name=f"{experiment.name}-{stamp}", storage=storage, log=log)
         finally:
-            _end_unfinished(tracker, parent_id)
+            _end_unfinished(tracker, parent_id, interrupted=interrupted)
         front = front_of(tracker, tracker.get(parent_id))
         _publish_front(tracker, parent_id, front, experiment, layout, epochs=searcher.epochs_used, seconds=searcher.seconds)
         if front.hypervolume is not None:
             versus = f", uniform anchors alone {front.anchors_hypervolume:.3f}" if front.anchors_hypervolume is not None else ""
             log(f"search: {searcher.epochs_used} fine-tune epochs; hypervolume {front.hypervolume:.3f} (test accuracy of the front){versus}")
+        if interrupted is not None:
+            tracker.set_tags(parent_id, {INTERRUPTED_TAG: signal.Signals(interrupted.signum).name})
+            tracker.end_run(parent_id, "KILLED")
+            interrupted.front = front_of(tracker, tracker.get(parent_id))
+            raise interrupted
         tracker.end_run(parent_id, "FINISHED")
         front = front_of(tracker, tracker.get(parent_id))  # as stored: with the front tags and the search's metrics
+    except SearchInterrupted:
+        raise
     except KeyboardInterrupt:
         tracker.end_run(parent_id, "KILLED")
         raise

@@ -152,5 +152,17 @@ class StudySearcher(Searcher):
             self.study.tell(trial, state=TrialState.PRUNED)
 
 
+    def close_interrupted(self) -> list[str]:
+        """End, as FAIL with the user attribute `interrupted`, the study's trials that were running
+        when the search was stopped (Tune stops them without telling the searcher); their Ray ids."""
+        interrupted = sorted(self._running)
+        for trial_id in interrupted:
+            trial = self._trials[trial_id]
+            trial.set_user_attr("interrupted", True)
+            self.study.tell(trial, state=TrialState.FAIL)
+        self._running.clear()
+        return interrupted
+
+
 def _key(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)

@@ -101,6 +101,9 @@ def ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker:
             unpack(files, directory)
         tracker.log_metrics(run_id, {**metrics, "macs_ratio": 1.0}, step=experiment.teacher.epochs)
         tracker.end_run(run_id)
+    except KeyboardInterrupt:
+        tracker.end_run(run_id, "KILLED")
+        raise
     except BaseException as error:
         tracker.fail_run(run_id, error)
         raise

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker", "RunRecord", "ROLE_TAG", "PARETO_TAG", "TRIAL_TAG", "ANCHOR_TAG"]
+__all__ = ["Tracker", "RunRecord", "ROLE_TAG", "PARETO_TAG", "TRIAL_TAG", "ANCHOR_TAG", "INTERRUPTED_TAG", "STOPPED_TAG"]
 
 ROLE_TAG = "slimtune.role"  # search | teacher | trial
 TRIAL_TAG = "slimtune.trial_id"
 ANCHOR_TAG = "slimtune.anchor"  # "true" on the uniform-allocation anchor trials
 PARETO_TAG = "pareto"
+STOPPED_TAG = "stopped_at_epoch"  # the rung at which successive halving stopped a trial
+INTERRUPTED_TAG = "slimtune.interrupted"  # the signal that stopped a search (on the parent) or a trial in it
 _PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -72,6 +74,9 @@ class Tracker:
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self.client.delete_tag(run_id, key)
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)

@@ -22,10 +22,10 @@ from pipelines.prune import Group
 from search.cluster import unpack
 from search.knobs import resolve, trial_params
 from search.space import Experiment
+from search.tracking import STOPPED_TAG
 
-__all__ = ["TrialContext", "run_tune_trial", "STOPPED_TAG", "NODE_TAG", "NOT_KNOBS"]
+__all__ = ["TrialContext", "run_tune_trial", "NODE_TAG", "NOT_KNOBS"]
 
-STOPPED_TAG = "stopped_at_epoch"
 NODE_TAG = "slimtune.node_id"
 NOT_KNOBS = ("start_from", "start_from_run", "anchor")  # what the searcher adds to a trial's config
 
