@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines.budgets import BudgetInputs, keep_counts
+from pipelines.checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
 from pipelines.data import IMAGENET_MEAN, IMAGENET_STD, Split, Splits, batches, load_data
 from pipelines.device import pick_device
@@ -31,7 +32,7 @@ from pipelines.schedules import SCHEDULES, PruningSession
 from pipelines.sources import SourceNet, index_tracer, stage_outputs
 from pipelines.train import cross_entropy_loss, evaluate, make_optimizer, predict_logits, recalibrate_bn, train_one_epoch
 
-__all__ = ["train_teacher", "run_trial", "can_start_from_trial", "EpochCallback", "TEACHER_LOGITS_FILE"]
+__all__ = ["train_teacher", "run_trial", "can_start_from_trial", "can_resume", "EpochCallback", "TEACHER_LOGITS_FILE"]
 
 EpochCallback = Callable[[dict[str, float]], None]
 TEACHER_LOGITS_FILE = "train_logits.safetensors"
@@ -86,14 +87,24 @@ def _fit(
     first_epoch: int = 1,
     before_epoch: Callable[[int], None] | None = None,
     on_epoch_end: EpochCallback | None,
+    resume: TrainingCheckpoint | None = None,
+    save_state: Callable[[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None] | None = None,
 ) -> float:
-    """Train `epochs` epochs (AdamW, cosine); returns the final val accuracy."""
+    """Train `epochs` epochs (AdamW, cosine); returns the final val accuracy. `resume`: the state
+    of this same fit after some of its epochs (which are skipped); `save_state(epoch, optimizer,
+    scheduler)` runs after each epoch, before `on_epoch_end`."""
     steps_per_epoch = -(-len(splits.train) // finetune.batch_size)
     optimizer, scheduler = make_optimizer(
         model, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps_per_epoch, extra=extra_params
     )
-    val = float("nan")
-    for i in range(epochs):
+    done = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        torch.set_rng_state(resume.rng)
+        done = resume.epoch - first_epoch + 1
+    val = evaluate(model, splits.val, amp=finetune.amp) if done >= epochs else float("nan")
+    for i in range(done, epochs):
         epoch = first_epoch + i
         if before_epoch is not None:
             before_epoch(i)
@@ -109,6 +120,8 @@ def _fit(
             amp=finetune.amp,
         )
         val = evaluate(model, splits.val, amp=finetune.amp)
+        if save_state is not None:
+            save_state(epoch, optimizer, scheduler)
         if on_epoch_end is not None:
             on_epoch_end({"epoch": epoch, **{f"loss_{k}": v for k, v in parts.items()}, "val_accuracy": val})
     return val
@@ -217,6 +230,12 @@ def can_start_from_trial(params: TrialParams) -> bool:
     return not (_FOLLOWER_TERMS & params.losses.keys() or params.criterion == "trajectory" or params.densities)
 
 
+def can_resume(params: TrialParams) -> bool:
+    """Whether a checkpoint (student, optimizer, scheduler: `pipelines.checkpoint`) holds all of the
+    trial's training state: one-shot pruning, no gating, no losses with state of their own."""
+    return params.schedule == "one_shot" and not params.densities and not ((_FOLLOWER_TERMS | FEATURE_TERMS) & params.losses.keys())
+
+
 def run_trial(
     params: TrialParams,
     *,
@@ -229,6 +248,8 @@ def run_trial(
     splits: Splits | None = None,
     device: str | torch.device | None = None,
     on_epoch_end: EpochCallback | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
 ) -> dict[str, float]:
     """Prune the teacher as `params` say, fine-tune it with the chosen losses, evaluate and export it.
 
@@ -246,17 +267,27 @@ def run_trial(
     `macs_ratio` (vs the teacher), `rounds` (pruning rounds kept), `round<i>_accuracy` for every
     round (what the schedule decided on: the selection split for iterative/priority, else val), and `kept.<group>`, the achieved fraction of each group's channels (before gating),
     with its summary `keep_min` / `keep_mean` / `keep_max`.
+
+    `checkpoint_dir`: where the training state is written after every fine-tune epoch, before
+    `on_epoch_end` sees it (only for trials that `can_resume`). `resume_from`: such a checkpoint of
+    this same trial; training continues after its epoch, with the same results as without the
+    interruption.
     """
     if params.densities and params.schedule != "one_shot":
         raise ValueError("dynamic gating needs the one_shot schedule")
     if start_from is not None and not can_start_from_trial(params):
         raise ValueError("start_from needs losses without the pretrained network's channels, no trajectory criterion and no gating")
+    if resume_from is not None and not can_resume(params):
+        raise ValueError("resume_from needs a one_shot trial without gating or losses with their own state")
+    resume = load_checkpoint(resume_from) if resume_from is not None else None
     torch.manual_seed(finetune.seed)
     device = pick_device(device)
     teacher_dir = Path(teacher_dir)
     splits = (splits or load_data(data)).to(device)
     dense, spec = load_model(teacher_dir)
     student = dense if start_from is None else load_model(start_from)[0]
+    if resume is not None:
+        student = resume.model
     teacher_logits = load_file(teacher_dir / TEACHER_LOGITS_FILE)["logits"].to(device)
     if len(teacher_logits) != len(splits.train):
         raise ValueError(f"{teacher_dir} holds logits for {len(teacher_logits)} train images, the data has {len(splits.train)}")
@@ -295,7 +326,9 @@ def run_trial(
 
     # Every pass over the train split is one of the trial's epochs: the sparsity epoch too.
     epochs_done = 0
-    if params.bn_sparsity > 0:
+    if resume is not None:
+        epochs_done = int(resume.measured["epochs_before_fine_tune"])
+    elif params.bn_sparsity > 0:
         _sparsify_bn(student, splits, weight=params.bn_sparsity, lr=params.lr, finetune=finetune, on_epoch_end=with_macs(student))
         epochs_done = 1
 
@@ -321,13 +354,20 @@ def run_trial(
         )
         return module_scores(net, params.criterion, data=scoring)
 
-    dense_scores = score(student, followers)
-    group_scores = group_scores_by_name(student, dense_scores, image_size=data.image_size)
-    target = keep_counts(params.parametrisation, replace(budget_inputs, scores=group_scores), params.budget)
-    target.update({g.name: g.channels for g in groups if g.channels <= params.min_channels})
+    dense_scores, target = None, {}
+    if resume is None:  # a resumed student is pruned already
+        dense_scores = score(student, followers)
+        group_scores = group_scores_by_name(student, dense_scores, image_size=data.image_size)
+        target = keep_counts(params.parametrisation, replace(budget_inputs, scores=group_scores), params.budget)
+        target.update({g.name: g.channels for g in groups if g.channels <= params.min_channels})
+
+    def save_state(epoch: int, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        measured = {"epochs_before_fine_tune": fine_tune_from - 1, "proxy_accuracy": session.proxy_accuracy}
+        save_checkpoint(checkpoint_dir, model=session.student, arch=spec["arch"], epoch=epoch, optimizer=optimizer, scheduler=scheduler, measured=measured)
 
     def fit(net: nn.Module, current_followers: list[nn.Module], epochs: int) -> float:
-        nonlocal epochs_done
+        nonlocal epochs_done, fine_tune_from
+        net.to(memory_format=torch.channels_last)  # pruning leaves odd strides; a resumed student must train in the same layout
         before_epoch = _gate(net, params, epochs=epochs, train=splits.train, finetune=finetune) if params.densities else None
         objective = make_objective(
             params.losses,
@@ -342,6 +382,7 @@ def run_trial(
         # Reseed after everything is built: the training stream (dropout) must not depend on how
         # many random numbers the chosen losses' modules drew.
         torch.manual_seed(finetune.seed * 1000 + epochs_done)
+        fine_tune_from = epochs_done + 1
         try:
             val = _fit(
                 net,
@@ -356,6 +397,8 @@ def run_trial(
                 first_epoch=epochs_done + 1,
                 before_epoch=before_epoch,
                 on_epoch_end=with_macs(net),
+                resume=resume,
+                save_state=save_state if checkpoint_dir is not None and can_resume(params) else None,
             )
         finally:
             objective.close()
@@ -382,7 +425,12 @@ def run_trial(
         decide_loss_and_accuracy=lambda net: loss_and_accuracy(net, selection if selection is not None else splits.val),
         fit=fit,
     )
-    SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs - epochs_done, rounds=params.rounds, max_drop=params.max_drop)
+    fine_tune_from = epochs_done + 1
+    if resume is None:
+        SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs - epochs_done, rounds=params.rounds, max_drop=params.max_drop)
+    else:  # the one_shot schedule after its cut, continued
+        session.proxy_accuracy = resume.measured["proxy_accuracy"]
+        session.rounds.append({"round": 1, "accuracy": fit(student, [], finetune.epochs - epochs_done)})
     extra = {
         "proxy_accuracy": session.proxy_accuracy,
         "rounds": float(len([r for r in session.rounds if not r.get("reverted")])),

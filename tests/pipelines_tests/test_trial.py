@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
 from pipelines.data import prepare_animal_mnist
@@ -76,3 +77,43 @@ def test_iterative_schedules_decide_on_a_selection_split_held_out_of_train_not_o
     assert len(held_out) == len(splits.classes)  # 1 in 10 of ~8 train images per class: the last one
     assert metrics["round2_accuracy"] == pytest.approx(evaluate(model, _subset(splits.train, held_out)))
     assert metrics["val_accuracy"] == pytest.approx(evaluate(model, splits.val))
+
+
+class _Died(Exception):
+    pass
+
+
+@pytest.mark.parametrize("died_after", [2, 3], ids=["mid-training", "after-the-last-epoch"])
+def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(teacher: dict, died_after: int) -> None:
+    """The process 'dies' right after epoch `died_after` was checkpointed; the resumed trial runs
+    only the later epochs and ends with the same metrics and weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    finetune = replace(FINETUNE, epochs=3)
+    params = replace(TARGET, bn_sparsity=1e-4)  # the sparsity epoch is epoch 1: the checkpoint must count it
+    uninterrupted, _ = _run(teacher, params, "whole", finetune=finetune)
+    checkpoint = teacher["work"] / f"checkpoint-{died_after}"
+
+    def die(metrics: dict) -> None:
+        if metrics["epoch"] == died_after:
+            raise _Died
+
+    with pytest.raises(_Died):
+        run_trial(
+            params, data=teacher["data"], model=ModelConfig(), finetune=finetune, teacher_dir=teacher["dir"],
+            output_dir=teacher["work"] / "died", on_epoch_end=die, checkpoint_dir=checkpoint,
+        )  # fmt: skip
+    resumed, epochs = _run(teacher, params, f"resumed-{died_after}", finetune=finetune, resume_from=checkpoint)
+    assert [e["epoch"] for e in epochs] == list(range(died_after + 1, 4))
+    assert resumed == uninterrupted
+    whole, again = load_file(teacher["work"] / "whole" / "model.safetensors"), load_file(teacher["work"] / f"resumed-{died_after}" / "model.safetensors")
+    assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def test_only_trials_whose_state_a_checkpoint_holds_resume(teacher: dict) -> None:
+    from pipelines.trial import can_resume
+
+    assert can_resume(TARGET) and not can_resume(replace(TARGET, schedule="iterative"))
+    assert not can_resume(replace(TARGET, losses={"l2sp": {"alpha": 0.1, "beta": 0.01}}))
+    with pytest.raises(ValueError, match="resume_from needs"):
+        _run(teacher, replace(TARGET, schedule="iterative"), "refused", resume_from=teacher["work"] / "checkpoint-2")
