@@ -51,8 +51,8 @@ def main() -> None:
     run_search(parse_space(_space(data, trials=1, epochs=1, concurrent=1)), output=output, log=lambda line: None)  # the teacher, once
     results = {}
     for workers in (1, 2):
-        with local_cluster(workers=workers) as address:
-            results[workers] = _timed(_space(data, trials=args.trials, epochs=args.epochs, concurrent=workers), output, address)
+        with local_cluster(workers=workers) as cluster:
+            results[workers] = _timed(_space(data, trials=args.trials, epochs=args.epochs, concurrent=workers), output, cluster.address)
         print(f"{workers} node(s): trial phase {results[workers][0]:.0f} s, trial overhead {results[workers][1]:.2f}x", flush=True)
     print(f"wall-time ratio 2 nodes / 1 node: {results[2][0] / results[1][0]:.2f} (target <= 0.6)")
 

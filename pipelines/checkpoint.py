@@ -21,7 +21,7 @@ from torch import nn
 
 from pipelines.export import load_model, save_model
 
-__all__ = ["TrainingCheckpoint", "save_checkpoint", "load_checkpoint"]
+__all__ = ["TrainingCheckpoint", "save_checkpoint", "load_checkpoint", "checkpoint_epoch"]
 
 _STATE_JSON = "state.json"
 _STATE_TENSORS = "state.safetensors"
@@ -72,6 +72,11 @@ def save_checkpoint(
     shutil.rmtree(directory, ignore_errors=True)
     partial.rename(directory)
     return directory
+
+
+def checkpoint_epoch(directory: str | Path) -> int:
+    """The trial epoch after which the checkpoint in `directory` was saved, without loading it."""
+    return int(json.loads((Path(directory) / _STATE_JSON).read_text())["epoch"])
 
 
 def load_checkpoint(directory: str | Path) -> TrainingCheckpoint:

@@ -17,9 +17,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["local_cluster", "free_port", "wait_for", "stop", "RAY_ENV"]
+__all__ = ["local_cluster", "LocalCluster", "free_port", "wait_for", "stop", "RAY_ENV"]
 
 BIN = Path(sys.executable).parent
 RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -57,9 +58,42 @@ def _active_nodes(address: str) -> int:
     return sum(line.strip().startswith("1 node_") for line in active.splitlines())
 
 
+def _descendants(pid: int) -> list[int]:
+    """PIDs of every process below `pid`, read from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@dataclass(frozen=True)
+class LocalCluster:
+    address: str  # to join: 127.0.0.1:<port>
+    workers: list[subprocess.Popen]  # the worker nodes' `ray start --block` processes
+
+    def kill_raylet(self, worker: int) -> int:
+        """SIGKILL worker `worker`'s raylet, as when its machine is lost; returns the raylet's PID."""
+        for pid in _descendants(self.workers[worker].pid):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
+                    os.kill(pid, signal.SIGKILL)
+                    return pid
+        raise RuntimeError(f"worker {worker} has no raylet process")
+
+
 @contextlib.contextmanager
-def local_cluster(workers: int, *, cpus_per_worker: int = 1) -> Iterator[str]:
-    """A head plus `workers` worker nodes; yields the address to join (127.0.0.1:<port>)."""
+def local_cluster(workers: int, *, cpus_per_worker: int = 1) -> Iterator[LocalCluster]:
+    """A head plus `workers` worker nodes."""
     temp = tempfile.mkdtemp(prefix="/tmp/rc")  # short: Ray's socket paths must stay under ~107 characters
     address = f"127.0.0.1:{free_port()}"
     quiet = {"env": RAY_ENV, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
@@ -72,7 +106,7 @@ def local_cluster(workers: int, *, cpus_per_worker: int = 1) -> Iterator[str]:
             resources = f"--resources={json.dumps({f'worker_{i}': 1})}"
             nodes.append(subprocess.Popen([BIN / "ray", "start", f"--address={address}", f"--num-cpus={cpus_per_worker}", resources, *common], **quiet))
             wait_for(lambda: _active_nodes(address) >= i + 2, what=f"Ray worker {i}")
-        yield address
+        yield LocalCluster(address=address, workers=nodes[1:])
     finally:
         for node in reversed(nodes):
             stop(node)

@@ -104,8 +104,11 @@ def _progress_callback(total: int, log: Log) -> Any:
             return f"{time.time() - self.started.get(trial.trial_id, time.time()):.0f} s"
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.done += 1
             r = trial.last_result
+            if r.get("failed"):
+                self.on_trial_error(iteration, trials, trial)
+                return
+            self.done += 1
             origin = f", from trial {r['start_from']}" if r.get("start_from") else ""
             if r.get("final"):
                 log(
@@ -119,6 +122,10 @@ def _progress_callback(total: int, log: Log) -> Any:
                     f" (val acc {r.get('val_accuracy', float('nan')):.3f} at {r.get('macs_ratio', float('nan')):.3f}x MACs), {self._elapsed(trial)}"
                 )
 
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            epoch = int(trial.last_result.get("epoch", 0)) if trial.last_result else 0
+            log(f"        trial {trial.trial_id}: its process or node was lost after epoch {epoch}; retrying it (from its last checkpoint, where it has one)")
+
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
             log(f"[{self.done}/{total}] trial {trial.trial_id}: FAILED after {self._elapsed(trial)} (error in MLflow run tag 'error')")
@@ -126,7 +133,9 @@ def _progress_callback(total: int, log: Log) -> Any:
     return Progress()
 
 
-def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: Any, study_name: str, storage: str | None, log: Log) -> tuple[Any, SearchInterrupted | None]:
+def _run_trials(
+    experiment: Experiment, layout: Layout, context: Any, *, tracker: Tracker, macs: Any, study_name: str, storage: str | None, log: Log
+) -> tuple[Any, SearchInterrupted | None]:
     """Run the trials; returns the searcher (its study, counts of epochs and skipped repeats) and,
     if a signal stopped them, what to raise once the partial front is published."""
     import optuna
@@ -166,7 +175,12 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
         def __call__(self, trial_id: str, result: dict) -> bool:
             return False
 
+        announced = False
+
         def stop_all(self) -> bool:
+            if request.signum is not None and not self.announced:  # before Tune stops any trial: they read it
+                tracker.set_tags(context.parent_run_id, {INTERRUPTED_TAG: signal.Signals(request.signum).name})
+                self.announced = True
             return request.signum is not None
 
     trainable = tune.with_resources(
@@ -184,7 +198,8 @@ def _run_trials(experiment: Experiment, layout: Layout, context: Any, *, macs: A
         run_config=tune.RunConfig(
             name=study_name,
             storage_path=storage or str(layout.ray_storage),
-            failure_config=tune.FailureConfig(max_failures=0),
+            failure_config=tune.FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             stop=StopOnSignal(),
             verbose=0,
             callbacks=[_progress_callback(s.num_trials, log)],
@@ -212,7 +227,7 @@ def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInte
     are marked interrupted (Tune stops them as successive halving would: they must not read as such)."""
     stopped_by_signal = set(interrupted.trial_ids) if interrupted else set()
     for run in tracker.children(parent_id, role="trial"):
-        if run.tags.get(TRIAL_TAG) in stopped_by_signal:
+        if run.tags.get(TRIAL_TAG) in stopped_by_signal and run.status != "FINISHED":
             if STOPPED_TAG in run.tags:
                 tracker.delete_tag(run.run_id, STOPPED_TAG)
             tracker.set_tags(run.run_id, {INTERRUPTED_TAG: signal.Signals(interrupted.signum).name})
@@ -335,7 +350,7 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
         )
         interrupted = None
         try:
-            searcher, interrupted = _run_trials(experiment, layout, context, macs=macs, study_name=f"{experiment.name}-{stamp}", storage=storage, log=log)
+            searcher, interrupted = _run_trials(experiment, layout, context, tracker=tracker, macs=macs, study_name=f"{experiment.name}-{stamp}", storage=storage, log=log)
         finally:
             _end_unfinished(tracker, parent_id, interrupted=interrupted)
         front = front_of(tracker, tracker.get(parent_id))

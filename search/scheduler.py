@@ -43,7 +43,7 @@ class ParetoHalving(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         rung = self.recorded.get(int(result.get("epoch", 0)))
-        if result.get("final") or rung is None or trial.trial_id in rung:
+        if result.get("final") or result.get("failed") or rung is None or trial.trial_id in rung:
             return TrialScheduler.CONTINUE
         point = (float(result["val_accuracy"]), float(result["macs"]))
         earlier = list(rung.values())

@@ -137,7 +137,7 @@ class StudySearcher(Searcher):
         for key in ("mlflow_run_id", "start_from"):
             if key in result:
                 trial.set_user_attr(key, result[key])
-        if error:
+        if error or result.get("failed"):  # Tune's error: a process that died every retry; `failed`: the trial raised
             self.study.tell(trial, state=TrialState.FAIL)
         elif result.get("final"):
             self.study.tell(trial, [float(result[name]) for name in OBJECTIVES])

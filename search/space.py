@@ -68,6 +68,9 @@ class SearchConfig:
     seed: int = 0  # seeds the sampler: the same space proposes the same trials
     cpus_per_trial: float = 1  # also the trial's torch threads; more threads than cores slows CPU training 10x
     gpus_per_trial: float = 0  # fractional values share a GPU between trials
+    # A trial whose process or node died is retried this often, on any node: one-shot trials from
+    # their last epoch's checkpoint, others from the start; in the same MLflow run either way.
+    max_failures: int = 3
     importance: list[str] = field(default_factory=lambda: ["l1"])  # criteria; a list is searched
     # MACs targets (fractions of the dense MACs) tried first with a uniform keep ratio, largest first:
     # the plain uniform-pruning baseline on every front, spread over the MACs range, and the
@@ -319,6 +322,8 @@ def validate(experiment: Experiment) -> Experiment:
     _check_positive(search.cpus_per_trial, "search.cpus_per_trial")
     if search.gpus_per_trial < 0:
         raise SpaceError(f"search.gpus_per_trial: must be >= 0, got {search.gpus_per_trial:g}")
+    if search.max_failures < 0:
+        raise SpaceError(f"search.max_failures: must be >= 0 (0: a lost trial is not retried), got {search.max_failures}")
     for name in search.importance:
         if name not in CRITERIA:
             raise SpaceError(f"search.importance: unknown criterion {name!r}; valid: {', '.join(CRITERIA.names())}")

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker", "RunRecord", "ROLE_TAG", "PARETO_TAG", "TRIAL_TAG", "ANCHOR_TAG", "INTERRUPTED_TAG", "STOPPED_TAG"]
+__all__ = ["Tracker", "RunRecord", "ROLE_TAG", "PARETO_TAG", "TRIAL_TAG", "ANCHOR_TAG", "INTERRUPTED_TAG", "STOPPED_TAG", "RESUMED_TAG", "RESUMED_FROM_TAG"]
 
 ROLE_TAG = "slimtune.role"  # search | teacher | trial
 TRIAL_TAG = "slimtune.trial_id"
 ANCHOR_TAG = "slimtune.anchor"  # "true" on the uniform-allocation anchor trials
 PARETO_TAG = "pareto"
+RESUMED_TAG = "slimtune.resumed"  # how often a trial was retried after its process or node died
+RESUMED_FROM_TAG = "slimtune.resumed_from_epoch"  # the checkpoint its latest retry started from (0: from the start)
 STOPPED_TAG = "stopped_at_epoch"  # the rung at which successive halving stopped a trial
 INTERRUPTED_TAG = "slimtune.interrupted"  # the signal that stopped a search (on the parent) or a trial in it
 _PARENT_TAG = "mlflow.parentRunId"
@@ -111,6 +113,11 @@ class Tracker:
 
     def children(self, parent_id: str, *, role: str) -> list[RunRecord]:
         return self._search(f"tags.`{_PARENT_TAG}` = '{parent_id}' and tags.`{ROLE_TAG}` = '{role}'")
+
+    def trial_run(self, parent_id: str, trial_id: str) -> RunRecord | None:
+        """The run of Ray trial `trial_id` in search `parent_id`, if an earlier attempt opened one."""
+        runs = self._search(f"tags.`{_PARENT_TAG}` = '{parent_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'", max_results=1)
+        return runs[0] if runs else None
 
     def download(self, run_id: str, artifact_path: str, destination: str | Path) -> Path:
         from mlflow.artifacts import download_artifacts

@@ -4,9 +4,13 @@ Everything a trial reads comes through Ray (the decoded data, the teacher's file
 model it starts from); everything it writes goes to MLflow (its run, its exported model). So on a
 cluster only the MLflow server and Ray Tune's storage need to be reachable, not the output folder.
 
-A trial that raises is recorded FAILED in MLflow (with its error) and re-raised, so Ray Tune and
-Optuna record it as failed too; the search goes on with the other trials. A trial the scheduler
-stops (Ray raises SystemExit inside `tune.report`) ends KILLED with the tag `stopped_at_epoch`.
+A trial that raises is recorded FAILED in MLflow (with its error) and reports `failed`, so Optuna
+records it as failed too and Tune does not retry it (the same knobs would fail again); the search
+goes on with the other trials. Tune retries (`search.max_failures`) only trials whose process or
+node died: the retry continues the same MLflow run, from the last epoch's checkpoint where the
+trial has one (`pipelines.trial.can_resume`), and counts itself in the tag `slimtune.resumed`. A
+trial the scheduler stops (Ray raises SystemExit inside `tune.report`) ends KILLED with the tag
+`stopped_at_epoch`.
 """
 from __future__ import annotations
 
@@ -52,35 +56,62 @@ def _tracker(tracking_uri: str, experiment: str) -> Any:
     return Tracker(tracking_uri, experiment)
 
 
+def _end_stopped(tracker: Any, run_id: str, parent_id: str, otherwise: dict[str, str] | None) -> bool:
+    """End the run KILLED as interrupted if the driver marked the search so (Ctrl-C, SIGTERM), else
+    with the tags `otherwise` (None: leave it); whether it was ended here."""
+    from search.tracking import INTERRUPTED_TAG
+
+    signal_name = tracker.get(parent_id).tags.get(INTERRUPTED_TAG)
+    if signal_name is None and otherwise is None:
+        return False
+    tracker.set_tags(run_id, {INTERRUPTED_TAG: signal_name} if signal_name else otherwise)
+    tracker.end_run(run_id, "KILLED")
+    return True
+
+
 def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     import ray
     import torch
     from ray import tune
 
+    from pipelines.checkpoint import checkpoint_epoch
     from pipelines.trial import run_trial
-    from search.tracking import ANCHOR_TAG, TRIAL_TAG
+    from search.tracking import ANCHOR_TAG, RESUMED_FROM_TAG, RESUMED_TAG, TRIAL_TAG
 
     started = time.perf_counter()
     experiment = context.experiment
     torch.set_num_threads(max(1, int(experiment.search.cpus_per_trial)))
     trial_id = tune.get_context().get_trial_id()
     tracker = _tracker(context.tracking_uri, context.experiment_name)
-    tags = {TRIAL_TAG: trial_id, NODE_TAG: ray.get_runtime_context().get_node_id(), **({ANCHOR_TAG: "true"} if config.get("anchor") else {})}
-    run_id = tracker.start_run(f"trial-{trial_id}", role="trial", parent_id=context.parent_run_id, tags=tags)
+    node = ray.get_runtime_context().get_node_id()
+    earlier = tracker.trial_run(context.parent_run_id, trial_id)  # a retry after the process or node died
+    if earlier is None:
+        tags = {TRIAL_TAG: trial_id, NODE_TAG: node, **({ANCHOR_TAG: "true"} if config.get("anchor") else {})}
+        run_id, logged_through = tracker.start_run(f"trial-{trial_id}", role="trial", parent_id=context.parent_run_id, tags=tags), 0
+    else:
+        run_id, logged_through = earlier.run_id, int(earlier.metrics.get("epoch", 0))
+        tracker.set_tags(run_id, {NODE_TAG: node, RESUMED_TAG: str(int(earlier.tags.get(RESUMED_TAG, "0")) + 1)})
     parent = config.get("start_from")
     epoch = 0
     try:
         knobs = resolve({k: v for k, v in config.items() if k not in NOT_KNOBS}, experiment, context.groups)
         tracker.log_params(run_id, {**knobs, "start_from": parent or "teacher"})
 
-        def on_epoch_end(metrics: dict[str, float]) -> None:
-            nonlocal epoch
-            epoch = int(metrics["epoch"])
-            tracker.log_metrics(run_id, metrics, step=epoch)
-            tune.report(metrics)
-
         with tempfile.TemporaryDirectory(prefix="slimtune-trial-") as work:
-            output_dir = Path(work) / "model"
+            output_dir, checkpoint_dir, resume_dir = Path(work) / "model", Path(work) / "checkpoint", Path(work) / "resume"
+            checkpoint = tune.get_checkpoint()
+            if checkpoint is not None:
+                checkpoint.to_directory(str(resume_dir))
+            if earlier is not None:
+                tracker.set_tags(run_id, {RESUMED_FROM_TAG: str(checkpoint_epoch(resume_dir) if checkpoint is not None else 0)})
+
+            def on_epoch_end(metrics: dict[str, float]) -> None:
+                nonlocal epoch
+                epoch = int(metrics["epoch"])
+                if epoch > logged_through:  # a trial restarted without a checkpoint repeats epochs MLflow has
+                    tracker.log_metrics(run_id, metrics, step=epoch)
+                saved = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir.exists() else None
+                tune.report(metrics, checkpoint=saved)  # Tune copies it to its storage now
             final = run_trial(
                 trial_params(knobs, experiment, context.groups),
                 data=experiment.data,
@@ -88,9 +119,11 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
                 finetune=experiment.trial,
                 teacher_dir=unpack(context.teacher, Path(work) / "teacher"),
                 output_dir=output_dir,
-                start_from=None if parent is None else tracker.download(config["start_from_run"], "model", Path(work) / "parent"),
+                start_from=None if parent is None or checkpoint else tracker.download(config["start_from_run"], "model", Path(work) / "parent"),
                 splits=context.splits,
                 on_epoch_end=on_epoch_end,
+                checkpoint_dir=checkpoint_dir,
+                resume_from=resume_dir if checkpoint is not None else None,
             )
             (output_dir / "config.yaml").write_text(context.config_yaml)
             final["seconds"] = time.perf_counter() - started
@@ -98,9 +131,13 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
             tracker.log_artifacts(run_id, output_dir, "model")
         tracker.end_run(run_id, "FINISHED")
     except SystemExit:
-        tracker.set_tags(run_id, {STOPPED_TAG: str(epoch)})
-        tracker.end_run(run_id, "KILLED")
+        _end_stopped(tracker, run_id, context.parent_run_id, {STOPPED_TAG: str(epoch)})
         raise
+    except Exception as error:
+        if not _end_stopped(tracker, run_id, context.parent_run_id, None):  # not an error the interruption caused
+            tracker.fail_run(run_id, error)
+        tune.report({"failed": True, "epoch": epoch})
+        return
     except BaseException as error:
         tracker.fail_run(run_id, error)
         raise

@@ -30,8 +30,8 @@ USER, PASSWORD = "slimtune", secrets.token_hex(8)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
-    with local_cluster(workers=2) as address:
-        yield address
+    with local_cluster(workers=2) as nodes:
+        yield nodes.address
 
 
 @pytest.fixture(scope="module")
