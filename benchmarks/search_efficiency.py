@@ -84,6 +84,12 @@ VARIANTS: dict[str, Callable[[dict], dict]] = {
     ),
 }
 SWEEPS = ("uniform L1 sweep, 16 x 4", "uniform activation sweep, 16 x 4")  # the baselines the issue names
+ROLES = {  # the issue's four: (a), (b) hand sweeps, (c) random search, (d) the default search
+    "uniform L1 sweep, 16 x 4": "(a) ",
+    "uniform activation sweep, 16 x 4": "(b) ",
+    "random search, 16 x 4": "(c) ",
+    "uniform activation chain, 16 x 4": "(d) default: ",
+}
 
 
 def _epochs(raw: dict, epochs: int) -> dict:
@@ -212,7 +218,7 @@ def table(results: list[dict]) -> str:
                 closed = f"{(statistics.mean(hv) - best_sweep[t]) / (limits[t] - best_sweep[t]):+.2f}"
             spans = f"{statistics.mean([r['front_macs'][0] for r in runs]):.3f} - {statistics.mean([r['front_macs'][1] for r in runs]):.2f}" if runs else "-"
             cells.append(f"{_mean_sd(hv)} (n={len(hv)}) | {closed} | {spans}")
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+        lines.append(f"| {ROLES.get(v, '')}{v} | " + " | ".join(cells) + " |")
     lines.append("| limit (teacher test accuracy at zero MACs) | " + " | ".join(f"{limits[t]:.3f} | | " for t in tasks) + " |")
     lines += [
         "",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from search._helpers import UsageError
 from search.report import RUN_COLUMNS  # light: matplotlib and MLflow are imported only when used
 
 EXAMPLES = """examples:
-  slimtune search spaces/quickstart.yaml                 # the embedded demo, ~7 min on 2 CPU cores
+  slimtune search spaces/quickstart.yaml                 # the embedded demo, ~5 min on 2 CPU cores
   slimtune search spaces/quickstart.yaml --smoke-test    # the same pipeline shrunk to about a minute
   slimtune search my_space.yaml --address auto --tracking-uri http://10.0.0.5:5000   # on a Ray cluster
   slimtune pareto quickstart                             # the accuracy-vs-MACs front of the newest finished search
@@ -191,7 +192,7 @@ def _search(args: argparse.Namespace) -> int:
         return 1
     if outcome.front.front:
         largest = max(r.metrics["macs"] for r in outcome.front.front)
-        print(f"Fetch a model:    slimtune fetch {experiment.name} --max-macs {largest / 1e6:.1f}M -o my_model/" + (f" --output {args.output}" if args.output else ""))
+        print(f"Fetch a model:    slimtune fetch {experiment.name} --max-macs {math.ceil(largest / 1e5) / 10:.1f}M -o my_model/" + (f" --output {args.output}" if args.output else ""))
     return 0
 
 
