@@ -14,6 +14,9 @@ import pytest
 import yaml
 
 from pipelines.data import prepare_animal_mnist
+from _store_helpers import initialised_store, tracker_once_created
+
+from search._local_cluster import stop
 from search.tracking import INTERRUPTED_TAG, STOPPED_TAG, Tracker
 
 SLIMTUNE = [sys.executable, "-m", "search.cli"]
@@ -36,16 +39,17 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _interrupt_once_a_trial_finished(work: Path, signum: int) -> tuple[subprocess.CompletedProcess[str], Tracker]:
     """Start a search, send `signum` to its PID while one trial has finished and another runs."""
+    uri = initialised_store(work)
+    tracker = tracker_once_created(uri, "tiny")
+    earlier = tracker.latest_search() if tracker else None  # the other signal's search, in the same store
     process = subprocess.Popen([*SLIMTUNE, "search", "tiny.yaml"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tracker = None
     try:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.5)
-            if tracker is None and (work / "slimtune-runs" / "mlflow.db").exists():
-                tracker = Tracker(f"sqlite:///{work}/slimtune-runs/mlflow.db", "tiny")
+            tracker = tracker or tracker_once_created(uri, "tiny")
             search = tracker.latest_search() if tracker else None
-            if search is None or search.status != "RUNNING":
+            if search is None or search.status != "RUNNING" or (earlier is not None and search.run_id == earlier.run_id):
                 continue
             statuses = [r.status for r in tracker.children(search.run_id, role="trial")]
             if "FINISHED" in statuses and "RUNNING" in statuses:
@@ -53,9 +57,7 @@ def _interrupt_once_a_trial_finished(work: Path, signum: int) -> tuple[subproces
                 break
         stdout, stderr = process.communicate(timeout=300)
     finally:
-        if process.poll() is None:
-            process.kill()
-    assert tracker is not None
+        stop(process)  # SIGTERM first: slimtune then stops its local Ray itself
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), tracker
 
 

@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from pipelines.data import prepare_animal_mnist
-from search._local_cluster import RAY_ENV, local_cluster
-from search.tracking import RESUMED_FROM_TAG, RESUMED_TAG, Tracker
+from _store_helpers import initialised_store, tracker_once_created
+
+from search._local_cluster import RAY_ENV, local_cluster, stop
+from search.tracking import RESUMED_FROM_TAG, RESUMED_TAG
 from search.trainable import NODE_TAG
 
 EPOCHS = 6
@@ -31,14 +33,14 @@ def test_a_trial_on_a_lost_node_resumes_from_its_checkpoint_on_another(tmp_path_
     (work / "lost.yaml").write_text(yaml.safe_dump(space))
     with local_cluster(workers=2) as cluster:  # one CPU each: one trial on each worker
         command = [sys.executable, "-m", "search.cli", "search", "lost.yaml", "--address", cluster.address]
+        uri = initialised_store(work)
         search = subprocess.Popen(command, cwd=work, env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             tracker, killed = None, None
             deadline = time.monotonic() + 600
             while killed is None and time.monotonic() < deadline and search.poll() is None:
                 time.sleep(0.5)
-                if tracker is None and (work / "slimtune-runs" / "mlflow.db").exists():
-                    tracker = Tracker(f"sqlite:///{work}/slimtune-runs/mlflow.db", "lost")
+                tracker = tracker or tracker_once_created(uri, "lost")
                 parent = tracker.latest_search() if tracker else None
                 trials = tracker.children(parent.run_id, role="trial") if parent else []
                 if len(trials) == 2 and all(r.status == "RUNNING" and r.metrics.get("epoch", 0) >= 2 for r in trials):
@@ -46,8 +48,7 @@ def test_a_trial_on_a_lost_node_resumes_from_its_checkpoint_on_another(tmp_path_
             assert killed is not None, "the two trials never ran side by side"
             stdout, stderr = search.communicate(timeout=600)
         finally:
-            if search.poll() is None:
-                search.kill()
+            stop(search)  # SIGTERM first: the search then ends its runs and leaves the cluster
     assert search.returncode == 0, (stdout[-2000:], stderr[-3000:])
     assert "its process or node was lost" in stdout
     parent = tracker.latest_search()
