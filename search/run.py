@@ -22,7 +22,7 @@ from search.knobs import anchor_points, resolve, search_space, target_grid, tria
 from search.layout import Layout
 from search.space import Experiment, SpaceError, to_dict
 from search.teacher import ensure_teacher
-from search.tracking import INTERRUPTED_TAG, PARETO_TAG, STOPPED_TAG, TRIAL_TAG, Tracker
+from search.tracking import INTERRUPTED_TAG, PARETO_TAG, TRIAL_TAG, Tracker
 
 __all__ = ["run_search", "SearchOutcome", "SearchInterrupted"]
 
@@ -172,10 +172,10 @@ def _run_trials(
     request = _StopRequest()
 
     class StopOnSignal(tune.Stopper):  # Tune ends every trial when stop_all() turns true
+        announced = False
+
         def __call__(self, trial_id: str, result: dict) -> bool:
             return False
-
-        announced = False
 
         def stop_all(self) -> bool:
             if request.signum is not None and not self.announced:  # before Tune stops any trial: they read it
@@ -222,20 +222,18 @@ def _run_trials(
 
 
 def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInterrupted | None = None) -> None:
-    """A trial process killed before its own `except` (a lost worker, a hard stop) leaves its run
-    RUNNING: end it KILLED, so that no run of the search stays RUNNING. The trials a signal stopped
-    are marked interrupted (Tune stops them as successive halving would: they must not read as such)."""
+    """A trial process killed before its own `except` (a lost worker, a hard stop, the end of an
+    interrupted search) leaves its run RUNNING: end it KILLED, so that no run of the search stays
+    RUNNING. Trials that ended themselves read the interruption from the search run (`StopOnSignal`)."""
     stopped_by_signal = set(interrupted.trial_ids) if interrupted else set()
     for run in tracker.children(parent_id, role="trial"):
-        if run.tags.get(TRIAL_TAG) in stopped_by_signal and run.status != "FINISHED":
-            if STOPPED_TAG in run.tags:
-                tracker.delete_tag(run.run_id, STOPPED_TAG)
+        if run.status != "RUNNING":
+            continue
+        if run.tags.get(TRIAL_TAG) in stopped_by_signal:
             tracker.set_tags(run.run_id, {INTERRUPTED_TAG: signal.Signals(interrupted.signum).name})
-            if run.status == "RUNNING":
-                tracker.end_run(run.run_id, "KILLED")
-        elif run.status == "RUNNING":
+        else:
             tracker.set_tags(run.run_id, {"error": "the trial process ended without reporting a final status"})
-            tracker.end_run(run.run_id, "KILLED")
+        tracker.end_run(run.run_id, "KILLED")
 
 
 def _publish_front(

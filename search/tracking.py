@@ -77,9 +77,6 @@ class Tracker:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, value)
 
-    def delete_tag(self, run_id: str, key: str) -> None:
-        self.client.delete_tag(run_id, key)
-
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
