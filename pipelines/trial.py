@@ -362,11 +362,12 @@ def run_trial(
         target.update({g.name: g.channels for g in groups if g.channels <= params.min_channels})
 
     def save_state(epoch: int, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-        measured = {"epochs_before_fine_tune": fine_tune_from - 1, "proxy_accuracy": session.proxy_accuracy}
+        # epochs_done still counts the epochs before this fit: fit adds its own once they are all done
+        measured = {"epochs_before_fine_tune": epochs_done, "proxy_accuracy": session.proxy_accuracy}
         save_checkpoint(checkpoint_dir, model=session.student, arch=spec["arch"], epoch=epoch, optimizer=optimizer, scheduler=scheduler, measured=measured)
 
     def fit(net: nn.Module, current_followers: list[nn.Module], epochs: int) -> float:
-        nonlocal epochs_done, fine_tune_from
+        nonlocal epochs_done
         net.to(memory_format=torch.channels_last)  # pruning leaves odd strides; a resumed student must train in the same layout
         before_epoch = _gate(net, params, epochs=epochs, train=splits.train, finetune=finetune) if params.densities else None
         objective = make_objective(
@@ -382,7 +383,6 @@ def run_trial(
         # Reseed after everything is built: the training stream (dropout) must not depend on how
         # many random numbers the chosen losses' modules drew.
         torch.manual_seed(finetune.seed * 1000 + epochs_done)
-        fine_tune_from = epochs_done + 1
         try:
             val = _fit(
                 net,
@@ -425,7 +425,6 @@ def run_trial(
         decide_loss_and_accuracy=lambda net: loss_and_accuracy(net, selection if selection is not None else splits.val),
         fit=fit,
     )
-    fine_tune_from = epochs_done + 1
     if resume is None:
         SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs - epochs_done, rounds=params.rounds, max_drop=params.max_drop)
     else:  # the one_shot schedule after its cut, continued
