@@ -217,7 +217,10 @@ def _run_trials(
     searcher.seconds = time.perf_counter() - started
     if searcher.repeats_skipped:
         log(f"search: skipped {searcher.repeats_skipped} repeated configuration(s) the sampler proposed")
-    interrupted = None if request.signum is None else SearchInterrupted(request.signum, trial_ids=searcher.close_interrupted())
+    interrupted = None
+    if request.signum is not None:
+        finished = {r.tags.get(TRIAL_TAG): r.metrics for r in tracker.children(context.parent_run_id, role="trial") if r.status == "FINISHED"}
+        interrupted = SearchInterrupted(request.signum, trial_ids=searcher.close_interrupted(finished=finished))
     return searcher, interrupted
 
 

@@ -152,14 +152,20 @@ class StudySearcher(Searcher):
             self.study.tell(trial, state=TrialState.PRUNED)
 
 
-    def close_interrupted(self) -> list[str]:
-        """End, as FAIL with the user attribute `interrupted`, the study's trials that were running
-        when the search was stopped (Tune stops them without telling the searcher); their Ray ids."""
-        interrupted = sorted(self._running)
-        for trial_id in interrupted:
+    def close_interrupted(self, *, finished: dict[str, dict[str, float]]) -> list[str]:
+        """End the study's trials that were running when the search was stopped (Tune stops them
+        without telling the searcher). One whose MLflow run finished before Tune dropped its last
+        report (`finished`: Ray trial id -> the run's metrics) is COMPLETE; the others are FAIL with
+        the user attribute `interrupted`. Returns the Ray ids of those interrupted."""
+        interrupted = []
+        for trial_id in sorted(self._running):
             trial = self._trials[trial_id]
+            if trial_id in finished:
+                self.study.tell(trial, [float(finished[trial_id][name]) for name in OBJECTIVES])
+                continue
             trial.set_user_attr("interrupted", True)
             self.study.tell(trial, state=TrialState.FAIL)
+            interrupted.append(trial_id)
         self._running.clear()
         return interrupted
 

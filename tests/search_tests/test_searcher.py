@@ -82,6 +82,19 @@ def test_optuna_state_follows_how_the_trial_ended(result: dict | None, error: bo
         assert trial.values == [0.5, 1.0]
 
 
+def test_an_interruption_fails_the_running_trials_except_those_mlflow_saw_finish() -> None:
+    search = searcher()
+    for i in range(3):
+        search.suggest(f"t{i}")
+    search.on_trial_complete("t0", result=final(acc=0.7))
+    # t1 finished its MLflow run, but Tune stopped before its last report reached the searcher
+    interrupted = search.close_interrupted(finished={"t0": {"val_accuracy": 0.7, "macs": 1.0}, "t1": {"val_accuracy": 0.6, "macs": 3.0}})
+    assert interrupted == ["t2"]
+    by_id = {t.user_attrs["ray_trial_id"]: t for t in search.study.trials if "ray_trial_id" in t.user_attrs}
+    assert [by_id[t].state for t in ("t0", "t1", "t2")] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert by_id["t1"].values == [0.6, 3.0] and by_id["t2"].user_attrs["interrupted"]
+
+
 def test_epoch_budget_counts_epochs_owed_to_running_trials() -> None:
     space = {"x": FloatDistribution(0.0, 1.0)}
     search = searcher(space=space, trial_epochs=4, epoch_budget=10)
