@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["local_cluster", "LocalCluster", "free_port", "wait_for", "stop", "RAY_ENV"]
+__all__ = ["local_cluster", "LocalCluster", "free_port", "wait_for", "stop", "descendants", "RAY_ENV"]
 
 BIN = Path(sys.executable).parent
 RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -58,7 +58,7 @@ def _active_nodes(address: str) -> int:
     return sum(line.strip().startswith("1 node_") for line in active.splitlines())
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """PIDs of every process below `pid`, read from /proc (Linux)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -113,7 +113,7 @@ class LocalCluster:
 
     @staticmethod
     def _raylet(node: subprocess.Popen) -> int | None:
-        for pid in _descendants(node.pid):
+        for pid in descendants(node.pid):
             with contextlib.suppress(OSError):
                 if Path(f"/proc/{pid}/comm").read_text().strip() == "raylet":
                     return pid

@@ -13,6 +13,7 @@ EXAMPLES = """examples:
   slimtune search spaces/quickstart.yaml                 # the embedded demo, ~5 min on 2 CPU cores
   slimtune search spaces/quickstart.yaml --smoke-test    # the same pipeline shrunk to about a minute
   slimtune search my_space.yaml --address auto --tracking-uri http://10.0.0.5:5000   # on a Ray cluster
+  slimtune resume quickstart                             # continue the newest search that was interrupted or lost its driver
   slimtune pareto quickstart                             # the accuracy-vs-MACs front of the newest finished search
   slimtune runs quickstart --sort val                    # every trial: status, MACs target, accuracies, front
   slimtune fetch quickstart --max-macs 12M -o model/     # the best front model under 12M MACs
@@ -56,7 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument(
         "--storage", default=None, metavar="URI", help="Ray Tune's storage, which every node must reach (NFS path or s3://...); default: under --output"
     )
+    search.add_argument("--resume", action="store_true", help="continue the newest unfinished search of this space's experiment instead (see `resume`)")
     _add_store_args(search)
+
+    resume = commands.add_parser(
+        "resume",
+        help="continue a search that was interrupted (Ctrl-C, SIGTERM) or whose driver was killed",
+        description="Continue a search under the same MLflow parent run, Optuna study and Ray Tune experiment:"
+        " finished trials are kept (not rerun), interrupted ones continue from their last epoch's checkpoint,"
+        " and the search runs on to search.num_trials with the config it was started with."
+        " Ray restores its experiment from pickles in its storage: resume only from storage you control.",
+        epilog="examples:\n  slimtune resume quickstart\n  slimtune resume quickstart --search 3f2a... --output /tmp/runs\n"
+        "  slimtune resume my_space --address auto --tracking-uri http://10.0.0.5:5000",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    resume.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
+    resume.add_argument("--search", default=None, metavar="RUN_ID", help="the search's parent run id (default: the newest unfinished search)")
+    resume.add_argument("--address", default=None, metavar="ADDR", help="join a running Ray cluster: auto or HOST:PORT (default: a fresh local Ray)")
+    _add_store_args(resume)
 
     pareto = commands.add_parser(
         "pareto",
@@ -165,6 +183,9 @@ def _search(args: argparse.Namespace) -> int:
     from search.space import load_space, validate
 
     experiment = load_space(args.space)
+    if args.resume:
+        args.experiment, args.search = experiment.name, None
+        return _resume(args)
     if args.smoke_test:
         experiment = experiment.smoke()
     if args.num_trials is not None:
@@ -172,17 +193,41 @@ def _search(args: argparse.Namespace) -> int:
     try:
         outcome = run_search(experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address, storage=args.storage)
     except SearchInterrupted as stop:
-        front = stop.front
-        _print_front(front, header=f"\nPartial Pareto front of {experiment.name!r} ({stop}):")
-        print(
-            f"\nslimtune: {stop}: {len(front.finished)} of {experiment.search.num_trials} trials finished and are kept in MLflow;"
-            f" {len(stop.trial_ids)} running trial(s) ended KILLED with the tag 'slimtune.interrupted'; the search run"
-            f" {front.search.run_id} ended KILLED with this partial front (slimtune pareto {experiment.name} --search {front.search.run_id})."
-            " Resuming is not built yet: running the same command again starts a new search and reuses the teacher.",
-            file=sys.stderr,
-        )
-        return stop.exit_code
-    _print_front(outcome.front, header=f"\nPareto front of {experiment.name!r} (MACs = multiply-accumulates per image):")
+        return _interrupted(stop, experiment.name, experiment.search.num_trials, args)
+    return _finished(outcome, experiment.name, args)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    from search.run import SearchInterrupted, resume_search
+
+    try:
+        outcome = resume_search(args.experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address, search_id=args.search)
+    except SearchInterrupted as stop:
+        return _interrupted(stop, args.experiment, int(stop.front.search.params.get("num_trials", 0)), args)
+    return _finished(outcome, args.experiment, args)
+
+
+def _store_flags(args: argparse.Namespace) -> str:
+    flags = f" --output {args.output}" if args.output else ""
+    return flags + (f" --tracking-uri {args.tracking_uri}" if args.tracking_uri else "")
+
+
+def _interrupted(stop, name: str, num_trials: int, args: argparse.Namespace) -> int:
+    front = stop.front
+    _print_front(front, header=f"\nPartial Pareto front of {name!r} ({stop}):")
+    run_id = front.search.run_id
+    print(
+        f"\nslimtune: {stop}: {len(front.finished)} of {num_trials} trials finished and are kept in MLflow;"
+        f" {len(stop.trial_ids)} running trial(s) ended KILLED with the tag 'slimtune.interrupted'; the search run"
+        f" {run_id} ended KILLED with this partial front (slimtune pareto {name} --search {run_id}{_store_flags(args)}).\n"
+        f"Continue it, keeping every finished trial:  slimtune resume {name} --search {run_id}{_store_flags(args)}",
+        file=sys.stderr,
+    )
+    return stop.exit_code
+
+
+def _finished(outcome, name: str, args: argparse.Namespace) -> int:
+    _print_front(outcome.front, header=f"\nPareto front of {name!r} (MACs = multiply-accumulates per image):")
     if outcome.tracking_uri.startswith("sqlite:"):
         print(f"\nBrowse the runs:  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {outcome.tracking_uri} --port 5000")
     else:
@@ -192,7 +237,7 @@ def _search(args: argparse.Namespace) -> int:
         return 1
     if outcome.front.front:
         largest = max(r.metrics["macs"] for r in outcome.front.front)
-        print(f"Fetch a model:    slimtune fetch {experiment.name} --max-macs {math.ceil(largest / 1e5) / 10:.1f}M -o my_model/" + (f" --output {args.output}" if args.output else ""))
+        print(f"Fetch a model:    slimtune fetch {name} --max-macs {math.ceil(largest / 1e5) / 10:.1f}M -o my_model/{_store_flags(args)}")
     return 0
 
 
@@ -297,7 +342,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"search": _search, "pareto": _pareto, "runs": _runs, "fetch": _fetch, "methods": _methods, "prepare-data": _prepare}
+    handlers = {"search": _search, "resume": _resume, "pareto": _pareto, "runs": _runs, "fetch": _fetch, "methods": _methods, "prepare-data": _prepare}
     try:
         return handlers[args.command](args) or 0
     except UsageError as error:

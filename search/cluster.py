@@ -23,6 +23,10 @@ def configure_ray_environment() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its boxes and tables would interleave with our progress lines
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # slimtune's own handler stops the trials and labels them (search.run)
+    # Save Tune's experiment state after every step of its loop, not every 10 s or more: a trial a
+    # killed driver had started is then always in it, and `resume` continues it instead of
+    # starting another in its place.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
 
 
 def start_ray(address: str | None) -> str:

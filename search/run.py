@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +21,11 @@ from search._helpers import format_count
 from search.front import SearchFront, front_of
 from search.knobs import anchor_points, resolve, search_space, target_grid, trial_params
 from search.layout import Layout
-from search.space import Experiment, SpaceError, to_dict
+from search.space import Experiment, SpaceError, parse_space, to_dict
 from search.teacher import ensure_teacher
-from search.tracking import INTERRUPTED_TAG, PARETO_TAG, TRIAL_TAG, Tracker
+from search.tracking import INTERRUPTED_TAG, PARETO_TAG, RAY_STORAGE_TAG, TRIAL_TAG, RunRecord, Tracker
 
-__all__ = ["run_search", "SearchOutcome", "SearchInterrupted"]
+__all__ = ["run_search", "resume_search", "SearchOutcome", "SearchInterrupted"]
 
 Log = Callable[[str], None]
 
@@ -51,15 +52,33 @@ class SearchInterrupted(Exception):
 
 
 class _StopRequest:
-    """The first SIGINT or SIGTERM received while the trials run; a second SIGINT aborts at once."""
+    """The first SIGINT or SIGTERM received while the trials run; a second SIGINT aborts at once.
 
-    def __init__(self) -> None:
+    The first is handed on to Ray Tune's own graceful stop (its SIGUSR1 handler): Tune saves the
+    experiment state with the running trials as unfinished, which is what `resume` continues,
+    then stops them. `announce` runs first, so that a stopped trial can tell a signal from a
+    halving stop."""
+
+    def __init__(self, announce: Callable[[int], None]) -> None:
         self.signum: int | None = None
+        self.announce = announce
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signum = signum
+        self.announce(signum)
+        threading.Thread(target=_stop_tune, daemon=True).start()
+
+
+def _stop_tune() -> None:
+    """Raise SIGUSR1 once Tune's handler for it is installed (at the start of its loop)."""
+    deadline = time.monotonic() + 600
+    while signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    signal.raise_signal(signal.SIGUSR1)
 
 
 @contextlib.contextmanager
@@ -68,6 +87,7 @@ def _handling_signals(request: _StopRequest) -> Iterator[None]:
         yield
         return
     previous = {signum: signal.signal(signum, request) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # not an earlier Tune run's handler
     try:
         yield
     finally:
@@ -96,6 +116,12 @@ def _progress_callback(total: int, log: Log) -> Any:
         def __init__(self) -> None:
             self.done = 0
             self.started: dict[str, float] = {}
+
+        def get_state(self) -> dict:  # saved with Tune's experiment state: `resume` counts on
+            return {"done": self.done}
+
+        def set_state(self, state: dict) -> None:
+            self.done = state["done"]
 
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.started[trial.trial_id] = time.time()
@@ -134,94 +160,104 @@ def _progress_callback(total: int, log: Log) -> Any:
 
 
 def _run_trials(
-    experiment: Experiment, layout: Layout, context: Any, *, tracker: Tracker, macs: Any, study_name: str, storage: str | None, log: Log
-) -> tuple[Any, SearchInterrupted | None]:
-    """Run the trials; returns the searcher (its study, counts of epochs and skipped repeats) and,
-    if a signal stopped them, what to raise once the partial front is published."""
+    experiment: Experiment,
+    layout: Layout,
+    context: Any,
+    *,
+    tracker: Tracker,
+    macs: Any,
+    study_name: str,
+    storage: str,
+    restore: bool,
+    log: Log,
+) -> tuple[float, SearchInterrupted | None]:
+    """Run the trials (or, with `restore`, continue those of the Ray experiment `study_name` in
+    `storage`); returns the trial phase's wall time and, if a signal stopped it, what to raise
+    once the partial front is published."""
     import optuna
     from ray import tune
 
     from pipelines.trial import can_start_from_trial
     from search.scheduler import ParetoHalving
-    from search.searcher import OBJECTIVES, StudySearcher
+    from search.searcher import OBJECTIVES, StudySearcher, close_running
     from search.trainable import run_tune_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     s = experiment.search
-    groups = context.groups
-    anchors = anchor_points(experiment, groups, macs)
-
-    def can_warm_start(config: dict[str, Any]) -> bool:
-        return can_start_from_trial(trial_params(resolve(config, experiment, groups), experiment, groups))
-
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=optuna.storages.RDBStorage(layout.optuna_storage),
-        sampler=_sampler(experiment, startup=max(2, len(anchors))),
-        directions=list(OBJECTIVES.values()),
-    )
-    searcher = StudySearcher(
-        study,
-        search_space(experiment, groups),
-        anchors=anchors,
-        grid=target_grid(experiment),
-        trial_epochs=experiment.trial.epochs,
-        epoch_budget=s.epoch_budget,
-        can_warm_start=can_warm_start if s.warm_start == "front" else None,
-    )
-    request = _StopRequest()
-
-    class StopOnSignal(tune.Stopper):  # Tune ends every trial when stop_all() turns true
-        announced = False
-
-        def __call__(self, trial_id: str, result: dict) -> bool:
-            return False
-
-        def stop_all(self) -> bool:
-            if request.signum is not None and not self.announced:  # before Tune stops any trial: they read it
-                tracker.set_tags(context.parent_run_id, {INTERRUPTED_TAG: signal.Signals(request.signum).name})
-                self.announced = True
-            return request.signum is not None
-
     trainable = tune.with_resources(
         tune.with_parameters(run_tune_trial, context=context), {"cpu": s.cpus_per_trial, "gpu": s.gpus_per_trial}
     )
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            search_alg=searcher,
-            scheduler=ParetoHalving(rungs=s.rungs, eta=s.eta) if s.rungs else None,
-            num_samples=s.num_trials,
-            max_concurrent_trials=s.max_concurrent,
-            reuse_actors=True,  # a trial process keeps its imports and its MLflow client for the next trial
-        ),
-        run_config=tune.RunConfig(
-            name=study_name,
-            storage_path=storage or str(layout.ray_storage),
-            failure_config=tune.FailureConfig(max_failures=s.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            stop=StopOnSignal(),
-            verbose=0,
-            callbacks=[_progress_callback(s.num_trials, log)],
-        ),
-    )
-    halving = f", halving at epochs {s.rungs} (eta {s.eta:g})" if s.rungs else ""
-    budget = f", at most {s.epoch_budget} epochs" if s.epoch_budget else ""
-    log(
-        f"search: {s.num_trials} trials ({len(anchors)} uniform anchors, {s.target_grid} on a MACs grid first), {s.max_concurrent} at a time,"
-        f" sampler {s.sampler} (seed {s.seed}), warm start from {s.warm_start}{halving}{budget}"
-    )
+    optuna_storage = optuna.storages.RDBStorage(layout.optuna_storage)
+    if restore:  # the searcher, scheduler and callbacks are Tune's saved ones; the trials pick up their checkpoints
+        study = optuna.load_study(study_name=study_name, storage=optuna_storage)
+        tuner = tune.Tuner.restore(_experiment_path(storage, study_name), trainable, resume_unfinished=True, resume_errored=True)
+        log(f"search: resuming the Ray Tune experiment {study_name} and the Optuna study of the same name")
+    else:
+        groups = context.groups
+        anchors = anchor_points(experiment, groups, macs)
+
+        def can_warm_start(config: dict[str, Any]) -> bool:
+            return can_start_from_trial(trial_params(resolve(config, experiment, groups), experiment, groups))
+
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=optuna_storage,
+            sampler=_sampler(experiment, startup=max(2, len(anchors))),
+            directions=list(OBJECTIVES.values()),
+        )
+        searcher = StudySearcher(
+            study,
+            search_space(experiment, groups),
+            anchors=anchors,
+            grid=target_grid(experiment),
+            trial_epochs=experiment.trial.epochs,
+            epoch_budget=s.epoch_budget,
+            can_warm_start=can_warm_start if s.warm_start == "front" else None,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=ParetoHalving(rungs=s.rungs, eta=s.eta) if s.rungs else None,
+                num_samples=s.num_trials,
+                max_concurrent_trials=s.max_concurrent,
+                reuse_actors=True,  # a trial process keeps its imports and its MLflow client for the next trial
+            ),
+            run_config=tune.RunConfig(
+                name=study_name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=s.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                verbose=0,
+                callbacks=[_progress_callback(s.num_trials, log)],
+            ),
+        )
+        halving = f", halving at epochs {s.rungs} (eta {s.eta:g})" if s.rungs else ""
+        budget = f", at most {s.epoch_budget} epochs" if s.epoch_budget else ""
+        log(
+            f"search: {s.num_trials} trials ({len(anchors)} uniform anchors, {s.target_grid} on a MACs grid first), {s.max_concurrent} at a time,"
+            f" sampler {s.sampler} (seed {s.seed}), warm start from {s.warm_start}{halving}{budget}"
+        )
+
+    def announce(signum: int) -> None:  # before Tune stops any trial: they read it
+        tracker.set_tags(context.parent_run_id, {INTERRUPTED_TAG: signal.Signals(signum).name})
+
+    request = _StopRequest(announce)
     started = time.perf_counter()
     with _handling_signals(request):
         tuner.fit()
-    searcher.seconds = time.perf_counter() - started
-    if searcher.repeats_skipped:
-        log(f"search: skipped {searcher.repeats_skipped} repeated configuration(s) the sampler proposed")
-    interrupted = None
-    if request.signum is not None:
-        finished = {r.tags.get(TRIAL_TAG): r.metrics for r in tracker.children(context.parent_run_id, role="trial") if r.status == "FINISHED"}
-        interrupted = SearchInterrupted(request.signum, trial_ids=searcher.close_interrupted(finished=finished))
-    return searcher, interrupted
+    seconds = time.perf_counter() - started
+    repeats = sum(bool(t.user_attrs.get("repeat")) for t in study.get_trials(deepcopy=False))
+    if repeats:
+        log(f"search: skipped {repeats} repeated configuration(s) the sampler proposed")
+    if request.signum is None:
+        return seconds, None
+    finished = {r.tags.get(TRIAL_TAG): r.metrics for r in tracker.children(context.parent_run_id, role="trial") if r.status == "FINISHED"}
+    return seconds, SearchInterrupted(request.signum, trial_ids=close_running(study, finished=finished))
+
+
+def _experiment_path(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
 
 
 def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInterrupted | None = None) -> None:
@@ -287,29 +323,73 @@ def run_search(
 
     `address`: a Ray cluster to join (else $RAY_ADDRESS, else a fresh local Ray); `storage`: Ray
     Tune's storage (a path all nodes see, or s3://...; default <output>/<name>/ray)."""
+    layout = Layout.at(output, experiment.name).make()
+    with _ray(address, experiment, tracking_uri=tracking_uri or layout.tracking_uri, log=log) as experiment:
+        return _search(experiment, layout=layout, uri=tracking_uri or layout.tracking_uri, storage=storage, resume=None, log=log)
+
+
+def resume_search(
+    name: str, *, output: str | Path, tracking_uri: str | None = None, address: str | None = None, search_id: str | None = None, log: Log = print
+) -> SearchOutcome:
+    """Continue the search `search_id` of experiment `name` (default: its newest unfinished one)
+    after its driver was killed or interrupted: the same parent run, Optuna study and Ray Tune
+    experiment; finished trials are kept, unfinished ones continue from their checkpoints, and the
+    search runs on to `search.num_trials`. Ray restores its experiment from pickles in its
+    storage: resume only from storage you control."""
+    from ray import tune
+
+    layout = Layout.at(output, name)
+    uri = tracking_uri or layout.tracking_uri
+    if tracking_uri is None and not layout.tracking_db.exists():
+        raise SpaceError(f"no searches in {layout.root}; pass the --output / --tracking-uri the search used")
+    tracker = Tracker(uri, name)
+    run = tracker.search_run(search_id) if search_id else tracker.latest_search(unfinished=True)
+    if run is None:
+        which = f"no search run {search_id}" if search_id else "no unfinished search"
+        raise SpaceError(f"{which} of experiment {name!r} in {uri}; `slimtune runs {name}` lists its searches' trials")
+    if run.status == "FINISHED":
+        raise SpaceError(f"search {run.run_id} of {name!r} finished already; `slimtune search` starts a new one")
+    storage = run.tags.get(RAY_STORAGE_TAG, str(layout.ray_storage))
+    path = _experiment_path(storage, _study_name(name, run))
+    if not tune.Tuner.can_restore(path):
+        raise SpaceError(f"search {run.run_id}: no Ray Tune experiment to restore at {path} (moved or deleted?)")
+    with tempfile.TemporaryDirectory(prefix="slimtune-resume-") as work:
+        experiment = parse_space(yaml.safe_load((tracker.download(run.run_id, "config.yaml", work)).read_text()))
+    log(f"resuming search {run.name} ({run.run_id}, {run.status}) of {name!r} with the config it was started with")
+    with _ray(address, experiment, tracking_uri=uri, log=log) as experiment:
+        return _search(experiment, layout=layout.make(), uri=uri, storage=storage, resume=run, log=log)
+
+
+@contextlib.contextmanager
+def _ray(address: str | None, experiment: Experiment, *, tracking_uri: str, log: Log) -> Iterator[Experiment]:
+    """Start or join Ray and check what the trials will need of it; yields the experiment with
+    `search.max_concurrent` resolved."""
     import ray
 
     from search.cluster import check_gpus, check_tracking_uri, concurrency, configure_ray_environment, node_addresses, start_ray
 
-    layout = Layout.at(output, experiment.name).make()
-    uri = tracking_uri or layout.tracking_uri
     configure_ray_environment()
     joined = start_ray(address)
     try:
         check_gpus(experiment.search.gpus_per_trial)  # before anything trains or is logged
-        check_tracking_uri(uri, nodes=node_addresses())
+        check_tracking_uri(tracking_uri, nodes=node_addresses())
         s = experiment.search
         if s.max_concurrent is None:
             fits = concurrency(cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial)
             experiment = dataclasses.replace(experiment, search=dataclasses.replace(s, max_concurrent=fits))
         if joined != "local":
             log(f"Ray: joined {joined}, {len(node_addresses())} machine(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
-        return _search(experiment, layout=layout, uri=uri, storage=storage, log=log)
+        yield experiment
     finally:
         ray.shutdown()
 
 
-def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | None, log: Log) -> SearchOutcome:
+def _study_name(name: str, search: RunRecord) -> str:
+    """The Optuna study and the Ray Tune experiment of a search are named after its parent run."""
+    return f"{name}-{search.name.removeprefix('search-')}"
+
+
+def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | None, resume: RunRecord | None, log: Log) -> SearchOutcome:
     from pipelines.data import load_data
     from pipelines.export import load_model
     from pipelines.prune import macs_model, prunable_groups
@@ -318,13 +398,19 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
 
     config_yaml = yaml.safe_dump(to_dict(experiment), sort_keys=False)
     layout.config_file.write_text(config_yaml)
-    tracker = Tracker(uri, experiment.name, create=True, local_artifacts=layout.artifacts)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    parent_id = tracker.start_run(f"search-{stamp}", role="search")
+    storage = storage or str(layout.ray_storage)
+    if resume is None:
+        tracker = Tracker(uri, experiment.name, create=True, local_artifacts=layout.artifacts)
+        parent_id = tracker.start_run(f"search-{time.strftime('%Y%m%d-%H%M%S')}", role="search", tags={RAY_STORAGE_TAG: storage})
+    else:
+        tracker = Tracker(uri, experiment.name)
+        parent_id = resume.run_id
+        tracker.reopen(parent_id)
     log(f"MLflow: experiment {experiment.name!r}, parent run {parent_id} in {uri}")
     try:
-        tracker.log_text(parent_id, config_yaml, "config.yaml")
-        tracker.log_params(parent_id, {"arch": experiment.model.arch, "num_trials": experiment.search.num_trials, "sampler": experiment.search.sampler})
+        if resume is None:
+            tracker.log_text(parent_id, config_yaml, "config.yaml")
+            tracker.log_params(parent_id, {"arch": experiment.model.arch, "num_trials": experiment.search.num_trials, "sampler": experiment.search.sampler})
         splits = load_data(experiment.data)  # decoded once; the teacher task and the trials get it through Ray
         teacher_dir = ensure_teacher(experiment, splits, layout, tracker, parent_id, log)
         teacher, spec = load_model(teacher_dir)
@@ -351,14 +437,19 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
         )
         interrupted = None
         try:
-            searcher, interrupted = _run_trials(experiment, layout, context, tracker=tracker, macs=macs, study_name=f"{experiment.name}-{stamp}", storage=storage, log=log)
+            seconds, interrupted = _run_trials(
+                experiment, layout, context, tracker=tracker, macs=macs, study_name=_study_name(experiment.name, tracker.get(parent_id)),
+                storage=storage, restore=resume is not None, log=log,
+            )
         finally:
             _end_unfinished(tracker, parent_id, interrupted=interrupted)
+        seconds += float(resume.metrics.get("trial_phase_seconds", 0.0)) if resume else 0.0
         front = front_of(tracker, tracker.get(parent_id))
-        _publish_front(tracker, parent_id, front, experiment, layout, epochs=searcher.epochs_used, seconds=searcher.seconds)
+        epochs = sum(int(r.metrics.get("epoch", 0)) for r in front.trials)
+        _publish_front(tracker, parent_id, front, experiment, layout, epochs=epochs, seconds=seconds)
         if front.hypervolume is not None:
             versus = f", uniform anchors alone {front.anchors_hypervolume:.3f}" if front.anchors_hypervolume is not None else ""
-            log(f"search: {searcher.epochs_used} fine-tune epochs; hypervolume {front.hypervolume:.3f} (test accuracy of the front){versus}")
+            log(f"search: {epochs} fine-tune epochs; hypervolume {front.hypervolume:.3f} (test accuracy of the front){versus}")
         if interrupted is not None:
             tracker.set_tags(parent_id, {INTERRUPTED_TAG: signal.Signals(interrupted.signum).name})
             tracker.end_run(parent_id, "KILLED")

@@ -14,14 +14,20 @@ This one:
 - picks the model a trial starts from (`warm_start: front`): the finished front member with the
   fewest MACs above the trial's target, passed as `start_from` (its Ray trial id) and
   `start_from_run` (its MLflow run, which holds its model);
-- stops starting trials once the epoch budget (spent + still owed to running trials) is used up.
+- stops starting trials once the epoch budget (spent + still owed to running trials) is used up;
+- saves its bookkeeping as JSON in Tune's experiment state (`save` / `restore`), so `slimtune
+  resume` continues it: a trial the dead driver already told stays as told, one it told FAIL
+  (interrupted) that finishes after all is added to the study as a COMPLETE copy
+  (`continues_trial`), and a study trial the saved state never heard of is closed FAIL (`lost`).
 Imported lazily by `search.run` because it imports Ray and Optuna.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -30,7 +36,7 @@ from ray.tune.search import Searcher
 
 from search.pareto import Point, pareto_front
 
-__all__ = ["StudySearcher", "FinishedTrial", "choose_parent", "OBJECTIVES"]
+__all__ = ["StudySearcher", "FinishedTrial", "choose_parent", "close_running", "OBJECTIVES"]
 
 # The study's objectives, in the order Optuna stores them.
 OBJECTIVES = {"val_accuracy": "maximize", "macs": "minimize"}
@@ -107,6 +113,7 @@ class StudySearcher(Searcher):
         for _ in range(self.retries):
             if _key(trial.params) not in self._handed_out:
                 break
+            trial.set_user_attr("repeat", True)
             self.study.tell(trial, state=TrialState.FAIL)
             self.repeats_skipped += 1
             trial = self.study.ask(fixed_distributions=self.space)
@@ -134,40 +141,85 @@ class StudySearcher(Searcher):
             return
         result = result or {}
         self.on_trial_result(trial_id, result)  # Tune passes a stopping result here, not to on_trial_result
-        for key in ("mlflow_run_id", "start_from"):
-            if key in result:
-                trial.set_user_attr(key, result[key])
+        attrs = {key: result[key] for key in ("mlflow_run_id", "start_from") if key in result}
         if error or result.get("failed"):  # Tune's error: a process that died every retry; `failed`: the trial raised
-            self.study.tell(trial, state=TrialState.FAIL)
+            self._tell(trial, attrs, state=TrialState.FAIL)
         elif result.get("final"):
-            self.study.tell(trial, [float(result[name]) for name in OBJECTIVES])
+            self._tell(trial, attrs, values=[float(result[name]) for name in OBJECTIVES])
             if self.can_warm_start is not None and self.can_warm_start(dict(trial.params)):
                 self.finished.append(
                     FinishedTrial(trial_id, float(result["val_accuracy"]), float(result["macs_ratio"]), run_id=str(result.get("mlflow_run_id", "")))
                 )
         else:  # stopped by the scheduler: its rung values are partial, never a result
-            for name in ("epoch", "val_accuracy", "macs"):
-                if name in result:
-                    trial.set_user_attr(f"stopped_{name}", float(result[name]))
-            self.study.tell(trial, state=TrialState.PRUNED)
+            stopped = {f"stopped_{name}": float(result[name]) for name in ("epoch", "val_accuracy", "macs") if name in result}
+            self._tell(trial, {**attrs, **stopped}, state=TrialState.PRUNED)
+
+    def _tell(self, trial: optuna.trial.Trial, attrs: dict[str, Any], *, values: list[float] | None = None, state: TrialState | None = None) -> None:
+        frozen = self.study.get_trials(deepcopy=False)[trial.number]
+        if frozen.state == TrialState.RUNNING:
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            self.study.tell(trial, values, state=state)
+        elif frozen.state != TrialState.COMPLETE and values is not None:  # interrupted, then resumed and finished
+            self.study.add_trial(
+                optuna.trial.create_trial(
+                    params=frozen.params,
+                    distributions=frozen.distributions,
+                    values=values,
+                    user_attrs={**frozen.user_attrs, **attrs, "continues_trial": trial.number},
+                )
+            )
+        # else: the driver that died told it already, after Tune last saved this searcher
+
+    def save(self, checkpoint_path: str) -> None:
+        state = {
+            "trials": {trial_id: trial.number for trial_id, trial in self._trials.items()},
+            "epochs": self._epochs,
+            "running": sorted(self._running),
+            "handed_out": sorted(self._handed_out),
+            "finished": [dataclasses.asdict(t) for t in self.finished],
+            "repeats_skipped": self.repeats_skipped,
+        }
+        Path(checkpoint_path).write_text(json.dumps(state))
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = json.loads(Path(checkpoint_path).read_text())
+        self._trials = {trial_id: _live_trial(self.study, number) for trial_id, number in state["trials"].items()}
+        self._epochs = {trial_id: int(epochs) for trial_id, epochs in state["epochs"].items()}
+        self._running = set(state["running"])
+        self._handed_out = set(state["handed_out"])
+        self.finished = [FinishedTrial(**t) for t in state["finished"]]
+        self.repeats_skipped = int(state["repeats_skipped"])
+        known = set(state["trials"].values())
+        for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if frozen.number not in known:  # asked by the dead driver after Tune last saved this state
+                trial = _live_trial(self.study, frozen.number)
+                trial.set_user_attr("lost", True)
+                self.study.tell(trial, state=TrialState.FAIL)
 
 
-    def close_interrupted(self, *, finished: dict[str, dict[str, float]]) -> list[str]:
-        """End the study's trials that were running when the search was stopped (Tune stops them
-        without telling the searcher). One whose MLflow run finished before Tune dropped its last
-        report (`finished`: Ray trial id -> the run's metrics) is COMPLETE; the others are FAIL with
-        the user attribute `interrupted`. Returns the Ray ids of those interrupted."""
-        interrupted = []
-        for trial_id in sorted(self._running):
-            trial = self._trials[trial_id]
-            if trial_id in finished:
-                self.study.tell(trial, [float(finished[trial_id][name]) for name in OBJECTIVES])
-                continue
-            trial.set_user_attr("interrupted", True)
-            self.study.tell(trial, state=TrialState.FAIL)
+def close_running(study: optuna.Study, *, finished: dict[str, dict[str, float]]) -> list[str]:
+    """End the study's trials still RUNNING after the trials stopped (a signal, or a resume that
+    ended): one whose MLflow run finished before Tune dropped its last report (`finished`: Ray
+    trial id -> the run's metrics) is COMPLETE; the others are FAIL with the user attribute
+    `interrupted`. Returns the Ray ids of those interrupted."""
+    interrupted = []
+    for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        trial_id = frozen.user_attrs.get("ray_trial_id")
+        trial = _live_trial(study, frozen.number)
+        if trial_id in finished:
+            study.tell(trial, [float(finished[trial_id][name]) for name in OBJECTIVES])
+            continue
+        trial.set_user_attr("interrupted", True)
+        study.tell(trial, state=TrialState.FAIL)
+        if trial_id is not None:
             interrupted.append(trial_id)
-        self._running.clear()
-        return interrupted
+    return sorted(interrupted)
+
+
+def _live_trial(study: optuna.Study, number: int) -> optuna.trial.Trial:
+    """The study's trial `number` as a `Trial` one can still tell (Optuna has no public lookup)."""
+    return optuna.trial.Trial(study, study.get_trials(deepcopy=False)[number]._trial_id)
 
 
 def _key(params: dict) -> str:

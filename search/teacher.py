@@ -74,10 +74,14 @@ def ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker:
     from search.cluster import unpack
 
     directory = layout.teacher_dir(experiment)
+    ready = (directory / SPEC_FILE).exists() and (directory / TEACHER_LOGITS_FILE).exists()
+    if ready and any(r.status == "FINISHED" for r in tracker.children(parent_id, role="teacher")):  # a resumed search
+        log(f"teacher: reusing {directory}, logged in this search already")
+        return directory
     run_id = tracker.start_run("teacher", role="teacher", parent_id=parent_id)
     try:
         tracker.log_params(run_id, {"arch": experiment.model.arch, "weights": experiment.model.weights, **to_dict(experiment.teacher)})
-        if (directory / SPEC_FILE).exists() and (directory / TEACHER_LOGITS_FILE).exists():
+        if ready:
             metrics = json.loads((directory / SPEC_FILE).read_text())["metrics"]
             tracker.set_tags(run_id, {"reused_from": str(directory)})
             log(f"teacher: reusing {directory}")

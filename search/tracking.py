@@ -10,16 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Tracker", "RunRecord", "ROLE_TAG", "PARETO_TAG", "TRIAL_TAG", "ANCHOR_TAG", "INTERRUPTED_TAG", "STOPPED_TAG", "RESUMED_TAG", "RESUMED_FROM_TAG"]
+__all__ = ["Tracker", "RunRecord", "ROLE_TAG", "PARETO_TAG", "TRIAL_TAG", "ANCHOR_TAG", "INTERRUPTED_TAG", "STOPPED_TAG", "RESUMED_TAG", "RESUMED_FROM_TAG", "RAY_STORAGE_TAG"]
 
 ROLE_TAG = "slimtune.role"  # search | teacher | trial
 TRIAL_TAG = "slimtune.trial_id"
 ANCHOR_TAG = "slimtune.anchor"  # "true" on the uniform-allocation anchor trials
 PARETO_TAG = "pareto"
-RESUMED_TAG = "slimtune.resumed"  # how often a trial was retried after its process or node died
+RESUMED_TAG = "slimtune.resumed"  # how often a trial (or, on the parent, the search) continued after its process, node or driver stopped
 RESUMED_FROM_TAG = "slimtune.resumed_from_epoch"  # the checkpoint its latest retry started from (0: from the start)
 STOPPED_TAG = "stopped_at_epoch"  # the rung at which successive halving stopped a trial
 INTERRUPTED_TAG = "slimtune.interrupted"  # the signal that stopped a search (on the parent) or a trial in it
+RAY_STORAGE_TAG = "slimtune.ray_storage"  # where the search's Ray Tune experiment lives: what `resume` restores
 _PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -89,6 +90,16 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
 
+    def reopen(self, run_id: str) -> None:
+        """Set a run RUNNING again to continue it, counting it in the tag `slimtune.resumed`; what
+        ended it before (a signal, a halving stop, an error) is over."""
+        run = self.get(run_id)
+        self.client.update_run(run_id, status="RUNNING")
+        for tag in (INTERRUPTED_TAG, STOPPED_TAG, "error"):
+            if tag in run.tags:
+                self.client.delete_tag(run_id, tag)
+        self.client.set_tag(run_id, RESUMED_TAG, str(int(run.tags.get(RESUMED_TAG, "0")) + 1))
+
     def fail_run(self, run_id: str, error: BaseException) -> None:
         message = f"{type(error).__name__}: {error}"
         self.client.set_tag(run_id, "error", message[:4000])
@@ -97,9 +108,10 @@ class Tracker:
     def get(self, run_id: str) -> RunRecord:
         return _record(self.client.get_run(run_id))
 
-    def latest_search(self, *, status: str | None = None) -> RunRecord | None:
-        """The newest search run (of `status`, e.g. FINISHED, if given)."""
+    def latest_search(self, *, status: str | None = None, unfinished: bool = False) -> RunRecord | None:
+        """The newest search run (of `status`, e.g. FINISHED, if given; not FINISHED if `unfinished`)."""
         condition = f" and attributes.status = '{status}'" if status else ""
+        condition += " and attributes.status != 'FINISHED'" if unfinished else ""
         runs = self._search(f"tags.`{ROLE_TAG}` = 'search'{condition}", max_results=1)
         return runs[0] if runs else None
 

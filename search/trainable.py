@@ -7,8 +7,10 @@ cluster only the MLflow server and Ray Tune's storage need to be reachable, not 
 A trial that raises is recorded FAILED in MLflow (with its error) and reports `failed`, so Optuna
 records it as failed too and Tune does not retry it (the same knobs would fail again); the search
 goes on with the other trials. Tune retries (`search.max_failures`) only trials whose process or
-node died: the retry continues the same MLflow run, from the last epoch's checkpoint where the
-trial has one (`pipelines.trial.can_resume`), and counts itself in the tag `slimtune.resumed`. A
+node died, and `slimtune resume` continues those its dead or interrupted driver left: the trial
+continues the same MLflow run, from the last epoch's checkpoint where the trial has one
+(`pipelines.trial.can_resume`), and counts itself in the tag `slimtune.resumed`; one whose run
+already FINISHED reports that run's results instead of running again. A
 trial the scheduler stops (Ray raises SystemExit inside `tune.report`) ends KILLED with the tag
 `stopped_at_epoch`.
 """
@@ -76,7 +78,7 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
 
     from pipelines.checkpoint import checkpoint_epoch
     from pipelines.trial import run_trial
-    from search.tracking import ANCHOR_TAG, RESUMED_FROM_TAG, RESUMED_TAG, TRIAL_TAG
+    from search.tracking import ANCHOR_TAG, RESUMED_FROM_TAG, TRIAL_TAG
 
     started = time.perf_counter()
     experiment = context.experiment
@@ -84,14 +86,18 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     tracker = _tracker(context.tracking_uri, context.experiment_name)
     node = ray.get_runtime_context().get_node_id()
-    earlier = tracker.trial_run(context.parent_run_id, trial_id)  # a retry after the process or node died
+    earlier = tracker.trial_run(context.parent_run_id, trial_id)  # a retry, or a trial `slimtune resume` continues
+    parent = config.get("start_from")
+    if earlier is not None and earlier.status == "FINISHED":  # finished after Tune last saved its state: not rerun
+        tune.report({**earlier.metrics, "final": True, "mlflow_run_id": earlier.run_id, **({"start_from": parent} if parent else {})})
+        return
     if earlier is None:
         tags = {TRIAL_TAG: trial_id, NODE_TAG: node, **({ANCHOR_TAG: "true"} if config.get("anchor") else {})}
         run_id, logged_through = tracker.start_run(f"trial-{trial_id}", role="trial", parent_id=context.parent_run_id, tags=tags), 0
     else:
         run_id, logged_through = earlier.run_id, int(earlier.metrics.get("epoch", 0))
-        tracker.set_tags(run_id, {NODE_TAG: node, RESUMED_TAG: str(int(earlier.tags.get(RESUMED_TAG, "0")) + 1)})
-    parent = config.get("start_from")
+        tracker.reopen(run_id)
+        tracker.set_tags(run_id, {NODE_TAG: node})
     epoch = 0
     try:
         knobs = resolve({k: v for k, v in config.items() if k not in NOT_KNOBS}, experiment, context.groups)

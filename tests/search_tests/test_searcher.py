@@ -9,7 +9,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 from ray.tune.search import Searcher
 
-from search.searcher import FinishedTrial, StudySearcher, choose_parent
+from search.searcher import FinishedTrial, StudySearcher, choose_parent, close_running
 
 SPACE = {"x": CategoricalDistribution(["a", "b", "c"])}
 
@@ -82,17 +82,63 @@ def test_optuna_state_follows_how_the_trial_ended(result: dict | None, error: bo
         assert trial.values == [0.5, 1.0]
 
 
+def by_ray_id(search: StudySearcher) -> dict[str, optuna.trial.FrozenTrial]:
+    """The newest study trial of each Ray trial id (a resumed one may have a COMPLETE copy)."""
+    return {t.user_attrs["ray_trial_id"]: t for t in search.study.trials if "ray_trial_id" in t.user_attrs}
+
+
 def test_an_interruption_fails_the_running_trials_except_those_mlflow_saw_finish() -> None:
     search = searcher()
     for i in range(3):
         search.suggest(f"t{i}")
     search.on_trial_complete("t0", result=final(acc=0.7))
     # t1 finished its MLflow run, but Tune stopped before its last report reached the searcher
-    interrupted = search.close_interrupted(finished={"t0": {"val_accuracy": 0.7, "macs": 1.0}, "t1": {"val_accuracy": 0.6, "macs": 3.0}})
+    interrupted = close_running(search.study, finished={"t0": {"val_accuracy": 0.7, "macs": 1.0}, "t1": {"val_accuracy": 0.6, "macs": 3.0}})
     assert interrupted == ["t2"]
-    by_id = {t.user_attrs["ray_trial_id"]: t for t in search.study.trials if "ray_trial_id" in t.user_attrs}
-    assert [by_id[t].state for t in ("t0", "t1", "t2")] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
-    assert by_id["t1"].values == [0.6, 3.0] and by_id["t2"].user_attrs["interrupted"]
+    trials = by_ray_id(search)
+    assert [trials[t].state for t in ("t0", "t1", "t2")] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    assert trials["t1"].values == [0.6, 3.0] and trials["t2"].user_attrs["interrupted"]
+
+
+def saved_with_three_running(tmp_path: Path) -> tuple[StudySearcher, Path]:
+    space = {"target_macs": FloatDistribution(0.01, 1.0, log=True)}
+    search = searcher(space=space)
+    for i in range(4):
+        search.suggest(f"t{i}")
+    search.on_trial_complete("t0", result=final(acc=0.7))
+    search.save(str(tmp_path / "state.json"))
+    return search, tmp_path / "state.json"
+
+
+def restored(search: StudySearcher, state: Path) -> StudySearcher:
+    again = searcher(space=search.space)
+    again.study = search.study  # what Tune unpickles: the same study storage
+    again.restore(str(state))
+    return again
+
+
+def test_after_a_killed_driver_the_restored_searcher_tells_each_trial_once(tmp_path: Path) -> None:
+    search, state = saved_with_three_running(tmp_path)
+    search.on_trial_complete("t1", result=final(acc=0.6))  # after the save, the driver told t1, asked t4 and died
+    search.suggest("t4")
+    again = restored(search, state)
+    for trial_id in ("t1", "t2", "t3"):  # Tune resumes the trials it saved as running
+        again.on_trial_complete(trial_id, result=final(acc=0.5))
+    trials = by_ray_id(again)
+    assert [trials[t].state for t in ("t0", "t1", "t2", "t3")] == [TrialState.COMPLETE] * 4 and len(again.study.trials) == 5
+    assert trials["t1"].values == [0.6, 1.0]  # told by the driver that finished it, not again
+    assert trials["t4"].state == TrialState.FAIL and trials["t4"].user_attrs["lost"]  # Tune never knew it
+    assert again.suggest("t5")["target_macs"] not in {t.params["target_macs"] for t in again.study.trials[:5]}
+
+
+def test_an_interrupted_trial_that_finishes_after_resume_is_added_as_complete(tmp_path: Path) -> None:
+    search, state = saved_with_three_running(tmp_path)
+    assert close_running(search.study, finished={}) == ["t1", "t2", "t3"]  # Ctrl-C
+    interrupted = by_ray_id(search)["t2"].number
+    again = restored(search, state)
+    again.on_trial_complete("t2", result=final(acc=0.5))
+    copies = [t for t in again.study.trials if t.user_attrs.get("continues_trial") == interrupted]
+    assert len(copies) == 1 and copies[0].state == TrialState.COMPLETE and copies[0].values == [0.5, 1.0]
 
 
 def test_epoch_budget_counts_epochs_owed_to_running_trials() -> None:
