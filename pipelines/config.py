@@ -1,6 +1,7 @@
 """Frozen configs for one pipeline run; `search.space` fills them from the space YAML."""
 from __future__ import annotations
 
+from typing import Literal
 from dataclasses import dataclass, field
 
 
@@ -10,8 +11,9 @@ class DataConfig:
     image_size: int = 64  # small inputs keep CPU trials fast; transfer still clearly helps at 64 px
     val_fraction: float = 0.15  # per class; the search scores trials on val
     test_fraction: float = 0.30  # per class; never seen by the search, reported for the front
-    max_images_per_class: int | None = 350  # cap for quick runs; None uses every image
+    max_images_per_class: int | None = None  # a cap for quick runs (the quickstart uses 350); None: every image
     seed: int = 0  # fixes the split: every trial and the teacher see the same images
+    on_bad_file: Literal["skip", "error"] = "skip"  # unreadable files: skipped and listed, or stop the search
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""Image data: the embedded Animal-MNIST task written as an ImageFolder, and the seeded splits.
+"""Image data: the embedded Animal-MNIST task written as an image folder, and the splits.
 
-Every dataset, embedded or the user's, is read through torchvision's ImageFolder, decoded and
-resized once per process into uint8 tensors; training then indexes tensors, which on CPU is
-far faster than re-decoding files every epoch.
+Every dataset, embedded or the user's, is an image folder (one sub-folder per class, the layout
+of torchvision's ImageFolder), decoded and resized once per search into uint8 tensors; training
+then indexes tensors, which on CPU is far faster than re-decoding files every epoch. Each file's
+split comes from a hash of its path, so adding images to a folder moves no other image.
 """
 from __future__ import annotations
 
@@ -10,22 +11,24 @@ import functools
 import gzip
 import hashlib
 import pickle
-import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision import datasets, transforms
 
 from pipelines.config import DataConfig
 
-__all__ = ["DataError", "ANIMAL_MNIST_CLASSES", "Splits", "prepare_animal_mnist", "load_data", "batches", "normalize", "folder_fingerprint"]
+__all__ = [
+    "DataError", "ANIMAL_MNIST_CLASSES", "Splits", "prepare_animal_mnist", "load_data", "list_images", "decode_image_file",
+    "batches", "normalize", "folder_fingerprint", "BACKGROUND",
+]
 
 # Class order as the animal-mnist package documents its labels 0..9.
 ANIMAL_MNIST_CLASSES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BACKGROUND = 255  # transparent pixels become white, as on a page
 
 
 class DataError(ValueError):
@@ -50,10 +53,13 @@ class Splits:
     val: Split
     test: Split
     classes: tuple[str, ...]
+    skipped: tuple[str, ...] = ()  # unreadable files left out: "path (reason)"
 
     def to(self, device: torch.device | str) -> Splits:
         """Every split on `device` once, so that batches never cross the host-device boundary."""
-        return Splits(train=self.train.to(device), val=self.val.to(device), test=self.test.to(device), classes=self.classes)
+        return Splits(
+            train=self.train.to(device), val=self.val.to(device), test=self.test.to(device), classes=self.classes, skipped=self.skipped
+        )
 
 
 def prepare_animal_mnist(root: str | Path) -> Path:
@@ -79,54 +85,123 @@ def prepare_animal_mnist(root: str | Path) -> Path:
 
 
 def folder_fingerprint(root: str | Path) -> str:
-    """A digest of every file under `root` (relative path, size, modification time): any image
-    added, removed or rewritten changes it, without reading the images."""
+    """A digest of every image file under `root` (relative path, size, modification time): any
+    image added, removed or rewritten changes it, without reading the images."""
     root = Path(root)
     digest = hashlib.sha1()
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
+    for files in list_images(root).values():
+        for path in files:
             stat = path.stat()
             digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_images(root: str | Path) -> dict[str, list[Path]]:
+    """Class name -> its files (any depth below the class folder), hidden folders and files left
+    out (`.ipynb_checkpoints`, `.DS_Store`); classes and files in sorted order."""
+    root = Path(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return {name: sorted(p for p in (root / name).rglob("*") if p.is_file() and not _hidden(p, root)) for name in classes}
+
+
+def decode_image_file(path: str | Path, *, size: int) -> torch.Tensor:
+    """One image file as uint8 3 x size x size RGB, read by PIL with each mode converted
+    explicitly: 16-bit images are scaled to 8 bits (PIL's own `convert("RGB")` clips them to
+    white), transparent pixels (RGBA, LA, palette transparency) are composited onto white
+    (`BACKGROUND`), CMYK, palette and grayscale become RGB. Raises for a truncated, empty or
+    non-image file. (torchvision's PNG decoder prints libpng's complaints about a corrupt file to
+    the process's stderr, so it is not used.)"""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        if image.mode.startswith("I;16") or image.mode == "I":
+            scaled = (np.asarray(image, dtype=np.float64) / 65535.0 * 255.0).round().clip(0, 255).astype(np.uint8)
+            image = Image.fromarray(scaled, mode="L")
+        elif image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (BACKGROUND,) * 3 + (255,)), rgba).convert("RGB")
+        elif image.mode != "L":
+            image = image.convert("RGB")
+        pixels = np.array(image.resize((size, size), Image.Resampling.BILINEAR))  # antialiased when shrinking
+    tensor = torch.from_numpy(pixels)
+    return tensor.expand(3, -1, -1).contiguous() if tensor.ndim == 2 else tensor.permute(2, 0, 1).contiguous()
+
+
+def _unit(*key: object) -> float:
+    """A number in [0, 1) fixed by `key`: the same for a file whatever else is in the folder."""
+    return int.from_bytes(hashlib.sha1("\0".join(map(str, key)).encode()).digest()[:8], "big") / 2**64
+
+
+def _assign(files: list[str], config: DataConfig) -> dict[str, list[str]]:
+    """One class's files (relative paths) -> train / val / test, each file by a hash of its path:
+    adding or removing images moves no other image between splits. A split the thresholds leave
+    empty takes the train file nearest to it (tiny classes still get one val and one test image)."""
+    position = {f: _unit("split", config.seed, f) for f in files}
+    parts: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for f in files:
+        u = position[f]
+        parts["val" if u < config.val_fraction else "test" if u < config.val_fraction + config.test_fraction else "train"].append(f)
+    for name in ("val", "test"):
+        if not parts[name] and len(parts["train"]) > 1:
+            nearest = min(parts["train"], key=position.__getitem__)
+            parts["train"].remove(nearest)
+            parts[name].append(nearest)
+    return parts
+
+
 @functools.lru_cache(maxsize=2)
 def load_data(config: DataConfig) -> Splits:
-    """Read the ImageFolder at `config.path` and split it per class with `config.seed`."""
-    folder = datasets.ImageFolder(
-        config.path,
-        # ImageFolder's loader converts to RGB, so grayscale images become 3 identical channels.
-        transform=transforms.Compose(
-            [transforms.Resize((config.image_size, config.image_size), antialias=True), transforms.PILToTensor()]
-        ),
-    )
-    by_class: dict[int, list[int]] = {}
-    for index, (_, label) in enumerate(folder.samples):
-        by_class.setdefault(label, []).append(index)
-    rng = random.Random(config.seed)
-    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
-    for label in sorted(by_class):
-        indices = by_class[label]
-        rng.shuffle(indices)
-        if config.max_images_per_class is not None:
-            indices = indices[: config.max_images_per_class]
-        n_val = max(1, round(len(indices) * config.val_fraction))
-        n_test = max(1, round(len(indices) * config.test_fraction))
-        if len(indices) < n_val + n_test + 1:
+    """Decode the image folder at `config.path` (one sub-folder per class) into train / val / test.
+
+    Unreadable files (truncated, empty, not an image) are skipped and listed in `Splits.skipped`,
+    or, with `config.on_bad_file == "error"`, raise a DataError naming them."""
+    root = Path(config.path)
+    if not root.is_dir():
+        raise DataError(f"data.path: folder {config.path!r} does not exist")
+    listing = list_images(root)
+    if len(listing) < 2:
+        raise DataError(f"data.path: {config.path} needs at least two class sub-folders, found {len(listing)}")
+    if config.max_images_per_class is not None:  # the same images whatever else is in the folder
+        listing = {name: sorted(files, key=lambda f: _unit("keep", config.seed, f.relative_to(root).as_posix()))[: config.max_images_per_class]
+                   for name, files in listing.items()}  # fmt: skip
+    decoded: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for files in listing.values():
+        for path in files:
+            relative = path.relative_to(root).as_posix()
+            try:
+                decoded[relative] = decode_image_file(path, size=config.image_size)
+            except Exception as error:  # the decoders' errors differ per format; all mean "not a readable image"
+                skipped.append(f"{relative} ({type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else 'unreadable'})")
+    if skipped and config.on_bad_file == "error":
+        more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+        raise DataError(f"data.path: unreadable file {skipped[0]}{more}; remove them or set data.on_bad_file: skip")
+    classes = tuple(listing)
+    parts: dict[str, list[tuple[str, int]]] = {"train": [], "val": [], "test": []}
+    for label, (name, files) in enumerate(listing.items()):
+        readable = sorted(r for r in (f.relative_to(root).as_posix() for f in files) if r in decoded)
+        assigned = _assign(readable, config)
+        if not all(assigned.values()):
             raise DataError(
-                f"data.path: class {folder.classes[label]!r} in {config.path} has {len(indices)} images;"
+                f"data.path: class {name!r} in {config.path} has {len(readable)} readable image(s);"
                 " need at least 3 (one each for train, val and test)"
             )
-        parts["val"] += indices[:n_val]
-        parts["test"] += indices[n_val : n_val + n_test]
-        parts["train"] += indices[n_val + n_test :]
+        for split, chosen in assigned.items():
+            parts[split] += [(f, label) for f in sorted(chosen)]
 
-    def decode(indices: list[int]) -> Split:
-        images = torch.stack([folder[i][0] for i in indices])
-        labels = torch.tensor([folder.samples[i][1] for i in indices], dtype=torch.int64)
-        return Split(images=images.contiguous(), labels=labels)
+    def stack(entries: list[tuple[str, int]]) -> Split:
+        return Split(
+            images=torch.stack([decoded[f] for f, _ in entries]).contiguous(),
+            labels=torch.tensor([label for _, label in entries], dtype=torch.int64),
+        )
 
-    return Splits(**{name: decode(sorted(idx)) for name, idx in parts.items()}, classes=tuple(folder.classes))
+    return Splits(**{name: stack(entries) for name, entries in parts.items()}, classes=classes, skipped=tuple(skipped))
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Save and load compact models without pickle: safetensors weights + a JSON channel spec.
 
-The channel spec records, for every Conv2d, Linear and BatchNorm layer, the widths it has after
-pruning. Loading builds the plain torchvision architecture, swaps in layers of the recorded
+The channel spec records, for every Conv2d, Linear, BatchNorm and LayerNorm layer, the widths it
+has after pruning, and the builder arguments a rebuild needs (`pipelines.models.recorded_kwargs`). Loading builds the plain torchvision architecture, swaps in layers of the recorded
 widths, and loads the weights; Torch-Pruning is not needed at load time.
 
 Gated models (`pipelines.gating`): `layers` still describes the plain architecture (a gate's conv
@@ -15,11 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines.gating import ChannelGate, add_gates, gate_spec, named_gates
+from pipelines.models import recorded_kwargs, unweighted_kwargs
 
 __all__ = ["channel_spec", "save_model", "load_model", "export_onnx", "MODEL_FILE", "SPEC_FILE", "ONNX_FILE"]
 
@@ -41,6 +43,8 @@ def _widths(module: nn.Module) -> dict[str, int | str] | None:
         return {"type": "Linear", "in_features": module.in_features, "out_features": module.out_features}
     if isinstance(module, nn.BatchNorm2d):
         return {"type": "BatchNorm2d", "num_features": module.num_features}
+    if isinstance(module, nn.LayerNorm):
+        return {"type": "LayerNorm", "normalized_shape": list(module.normalized_shape)}
     return None
 
 
@@ -65,7 +69,7 @@ def save_model(model: nn.Module, directory: str | Path, *, arch: str, metadata: 
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     save_file(tensors, directory / MODEL_FILE)
-    spec = {**metadata, "version": SPEC_VERSION, "arch": arch, "layers": channel_spec(model)}
+    spec = {**metadata, "version": SPEC_VERSION, "arch": arch, "builder": recorded_kwargs(model), "layers": channel_spec(model)}
     gates = gate_spec(model)
     if gates:
         spec["gates"] = gates
@@ -88,7 +92,21 @@ def _resized(module: nn.Module, widths: dict[str, int | str]) -> nn.Module:
         )
     if isinstance(module, nn.Linear):
         return nn.Linear(int(widths["in_features"]), int(widths["out_features"]), bias=module.bias is not None)
+    if isinstance(module, nn.LayerNorm):  # kept, with its class (ConvNeXt's LayerNorm2d), at the recorded shape
+        module.normalized_shape = tuple(int(n) for n in widths["normalized_shape"])
+        if module.elementwise_affine:
+            module.weight = nn.Parameter(torch.empty(module.normalized_shape))
+            module.bias = nn.Parameter(torch.empty(module.normalized_shape)) if module.bias is not None else None
+        return module
     return nn.BatchNorm2d(int(widths["num_features"]), eps=module.eps, momentum=module.momentum)
+
+
+def _resize_loose_parameters(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Parameters outside any listed layer (ConvNeXt's per-channel layer scale) take their saved shape."""
+    for name, parameter in list(model.named_parameters()):
+        if name in saved and saved[name].shape != parameter.shape:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, leaf, nn.Parameter(torch.empty(saved[name].shape)))
 
 
 def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -97,7 +115,9 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     spec = json.loads((directory / SPEC_FILE).read_text())
     layers = spec["layers"]
     head = next(name for name in reversed(layers) if layers[name]["type"] == "Linear")
-    model = torchvision.models.get_model(spec["arch"], weights=None, num_classes=int(layers[head]["out_features"]))
+    model = torchvision.models.get_model(
+        spec["arch"], weights=None, num_classes=int(layers[head]["out_features"]), **unweighted_kwargs(spec["arch"], spec.get("builder"))
+    )
     for name, widths in layers.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -108,7 +128,9 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         for name, gate in named_gates(model).items():
             if gate.bn_name != gates[name]["bn"]:
                 raise ValueError(f"{directory}: gate {name} found BN {gate.bn_name}, the spec says {gates[name]['bn']}")
-    model.load_state_dict(load_file(directory / MODEL_FILE))
+    saved = load_file(directory / MODEL_FILE)
+    _resize_loose_parameters(model, saved)
+    model.load_state_dict(saved)
     return model.eval(), spec
 
 

@@ -20,7 +20,7 @@ from torch import nn
 from pipelines._registry import Registry
 from pipelines.data import Split, batches, normalize
 
-__all__ = ["CRITERIA", "ScoringData", "module_scores", "group_scores"]
+__all__ = ["CRITERIA", "ScoringData", "module_scores", "group_scores", "drop_pruned_scores"]
 
 Scores = dict[nn.Module, torch.Tensor]
 
@@ -274,3 +274,14 @@ def group_scores(group: tp.dependency.Group, scores: Scores) -> torch.Tensor:
         raise ValueError(f"no member of the group rooted at {group[0].dep.target.module!r} has scores")
     mean = total / count.clamp_min(1)
     return torch.where(count > 0, mean, mean[count > 0].mean())
+
+
+def drop_pruned_scores(scores: Scores, group: tp.dependency.Group) -> None:
+    """Remove from `scores`, in place, the channels `group` is about to prune, so that the scores of
+    a module several groups share (a BN after a concatenation) keep lining up with its channels."""
+    for item in group:
+        module = item.dep.target.module
+        if module in scores and item.dep.handler in _OUT_HANDLERS:
+            keep = torch.ones(len(scores[module]), dtype=torch.bool, device=scores[module].device)
+            keep[torch.as_tensor(item.idxs, dtype=torch.long, device=keep.device)] = False
+            scores[module] = scores[module][keep]

@@ -18,7 +18,7 @@ from torch import nn
 
 from pipelines._helpers import probe_forward
 from pipelines.device import device_of
-from pipelines.importance import group_scores, module_scores
+from pipelines.importance import drop_pruned_scores, group_scores, module_scores
 from pipelines.macs import LayerCost, MacsModel, layer_macs
 from pipelines.models import head_name
 
@@ -164,6 +164,7 @@ def prune_to_counts(
         raise KeyError(f"no prunable group named {sorted(unknown)}; groups: {[name for name, _ in named]}")
     module_names = {module: name for name, module in model.named_modules()}
     follower_graphs = [(f, _dependency_graph(f, image_size)) for f in followers]
+    scores = dict(scores)  # kept aligned with the live model below; the caller's stay as they were
     for name, group in named:
         channels = len(group[0].idxs)
         n_prune = channels - max(1, min(channels, keep.get(name, channels)))
@@ -174,7 +175,9 @@ def prune_to_counts(
         root = group[0].dep
         current = graph.get_pruning_group(root.target.module, root.handler, idxs=list(range(channels)))
         drop = torch.argsort(group_scores(current, scores))[:n_prune].tolist()
-        graph.get_pruning_group(root.target.module, root.handler, idxs=drop).prune()
+        pruned = graph.get_pruning_group(root.target.module, root.handler, idxs=drop)
+        drop_pruned_scores(scores, pruned)
+        pruned.prune()
         root_name = module_names[root.target.module]
         for follower, follower_graph in follower_graphs:
             follower_graph.get_pruning_group(follower.get_submodule(root_name), root.handler, idxs=drop).prune()

@@ -389,9 +389,39 @@ def _study_name(name: str, search: RunRecord) -> str:
     return f"{name}-{search.name.removeprefix('search-')}"
 
 
-def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | None, resume: RunRecord | None, log: Log) -> SearchOutcome:
+def _load_data(experiment: Experiment, log: Log) -> Any:
+    """Decode the folder once (the teacher task and the trials get it through Ray) and say what it holds."""
+    import torch
+
     from pipelines.data import load_data
+
+    started = time.perf_counter()
+    splits = load_data(experiment.data)
+    sizes = "/".join(str(len(s)) for s in (splits.train, splits.val, splits.test))
+    log(f"data: {len(splits.classes)} classes, {sizes} train/val/test images, decoded in {time.perf_counter() - started:.0f} s")
+    if splits.skipped:
+        more = f" and {len(splits.skipped) - 3} more" if len(splits.skipped) > 3 else ""
+        log(f"data: skipped {len(splits.skipped)} unreadable file(s): {', '.join(splits.skipped[:3])}{more} (all in skipped_files.txt on the search run)")
+    per_class = torch.bincount(splits.val.labels, minlength=len(splits.classes))
+    if int(per_class.min()) < 30:
+        smallest = splits.classes[int(per_class.argmin())]
+        log(f"data: warning: class {smallest!r} has {int(per_class.min())} val images (< 30): val accuracies differ by noise of several points")
+    return splits
+
+
+def _preflight(experiment: Experiment, *, num_classes: int) -> None:
+    from pipelines.models import TESTED_ARCHS
+    from pipelines.preflight import ArchitectureError, check_architecture
+
+    try:
+        check_architecture(experiment.model.arch, image_size=experiment.data.image_size, num_classes=num_classes)
+    except ArchitectureError as error:
+        raise SpaceError(f"model.arch: {error}; tested: {', '.join(TESTED_ARCHS)}") from None
+
+
+def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | None, resume: RunRecord | None, log: Log) -> SearchOutcome:
     from pipelines.export import load_model
+    from pipelines.models import TESTED_ARCHS
     from pipelines.prune import macs_model, prunable_groups
     from search.cluster import pack
     from search.trainable import TrialContext
@@ -399,6 +429,8 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
     config_yaml = yaml.safe_dump(to_dict(experiment), sort_keys=False)
     layout.config_file.write_text(config_yaml)
     storage = storage or str(layout.ray_storage)
+    splits = _load_data(experiment, log)  # before any run: a folder it cannot use is an error, not a failed search
+    _preflight(experiment, num_classes=len(splits.classes))
     if resume is None:
         tracker = Tracker(uri, experiment.name, create=True, local_artifacts=layout.artifacts)
         parent_id = tracker.start_run(f"search-{time.strftime('%Y%m%d-%H%M%S')}", role="search", tags={RAY_STORAGE_TAG: storage})
@@ -411,7 +443,8 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
         if resume is None:
             tracker.log_text(parent_id, config_yaml, "config.yaml")
             tracker.log_params(parent_id, {"arch": experiment.model.arch, "num_trials": experiment.search.num_trials, "sampler": experiment.search.sampler})
-        splits = load_data(experiment.data)  # decoded once; the teacher task and the trials get it through Ray
+        if splits.skipped:
+            tracker.log_text(parent_id, "\n".join(splits.skipped) + "\n", "skipped_files.txt")
         teacher_dir = ensure_teacher(experiment, splits, layout, tracker, parent_id, log)
         teacher, spec = load_model(teacher_dir)
         tracker.log_params(parent_id, {"num_classes": len(spec["classes"])})
@@ -421,7 +454,7 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
         except Exception as error:  # Torch-Pruning cannot trace some architectures (e.g. channel shuffle)
             raise SpaceError(
                 f"model.arch: {experiment.model.arch} cannot be pruned structurally ({type(error).__name__}: {error});"
-                " tested: mobilenet_v2, resnet18, resnet50, vgg11_bn, densenet121"
+                f" tested: {', '.join(TESTED_ARCHS)}"
             ) from error
         log(f"pruning: {len(groups)} dependency groups in {len(set(g.stage for g in groups))} stages, budgets per {experiment.search.budgets.granularity}")
         search_space(experiment, groups)  # unknown keep names fail before any trial starts

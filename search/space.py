@@ -284,7 +284,7 @@ def validate(experiment: Experiment) -> Experiment:
             f"data.path: folder {data.path!r} does not exist; give an ImageFolder root (one sub-folder per class)"
             " or run `slimtune prepare-data animal-mnist DIR` for the embedded dataset"
         )
-    if sum(1 for p in folder.iterdir() if p.is_dir()) < 2:
+    if sum(1 for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) < 2:  # hidden folders are no classes
         raise SpaceError(f"data.path: {data.path!r} needs at least two class sub-folders (ImageFolder layout)")
     # Absolute, so that Ray workers (which run in their own folders) and the saved config agree.
     experiment = dataclasses.replace(experiment, data=dataclasses.replace(data, path=str(folder.resolve())))

@@ -10,6 +10,9 @@ from PIL import Image
 from pipelines.config import DataConfig
 from pipelines.data import (
     ANIMAL_MNIST_CLASSES,
+    BACKGROUND,
+    DataError,
+    decode_image_file,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Split,
@@ -75,15 +78,29 @@ def test_class_names_sorted(folder: Path) -> None:
     assert load_data(config(folder)).classes == ("ant", "moth", "zebra")
 
 
-def test_split_sizes_disjoint_and_covering(folder: Path) -> None:
+def test_splits_are_disjoint_cover_every_file_and_hold_every_class(folder: Path) -> None:
     splits = load_data(config(folder))
-    assert (len(splits.train), len(splits.val), len(splits.test)) == (18, 6, 6)
-    for split, per_class in ((splits.train, 6), (splits.val, 2), (splits.test, 2)):
-        assert torch.bincount(split.labels, minlength=3).tolist() == [per_class] * 3
+    for split in (splits.train, splits.val, splits.test):
+        assert torch.bincount(split.labels, minlength=3).min() >= 1
     ids = [identities(s) for s in (splits.train, splits.val, splits.test)]
     flat = [x for part in ids for x in part]
-    assert len(set(flat)) == 30
-    assert all(set(a).isdisjoint(b) for i, a in enumerate(ids) for b in ids[i + 1 :])
+    assert len(flat) == len(set(flat)) == 30
+
+
+def test_adding_images_moves_no_other_image_between_splits(folder: Path) -> None:
+    before = load_data(config(folder))
+    for i in range(PER_CLASS, 3 * PER_CLASS):
+        Image.new("RGB", (20, 20), (250, 250, 250)).save(folder / "ant" / f"new{i:02d}.png")
+    load_data.cache_clear()
+    after = load_data(config(folder))
+    old = lambda split: {x for x in identities(split) if x[1] != 250}  # noqa: E731
+    assert [old(s) for s in (before.train, before.val, before.test)] == [old(s) for s in (after.train, after.val, after.test)]
+
+
+def test_split_fractions_hold_on_a_real_folder(animal_mnist: Path) -> None:
+    splits = load_data(DataConfig(path=str(animal_mnist), image_size=16, max_images_per_class=300))
+    total = len(splits.train) + len(splits.val) + len(splits.test)
+    assert total == 3000 and abs(len(splits.val) / total - 0.15) < 0.02 and abs(len(splits.test) / total - 0.30) < 0.02
 
 
 def test_images_decoded_to_their_labels(folder: Path) -> None:
@@ -124,18 +141,89 @@ def test_other_seed_gives_other_split(folder: Path) -> None:
 
 def test_max_images_per_class_caps_each_class(folder: Path) -> None:
     splits = load_data(config(folder, max_images_per_class=5))
-    counts = [torch.bincount(s.labels, minlength=3).tolist() for s in (splits.train, splits.val, splits.test)]
-    assert counts == [[3, 3, 3], [1, 1, 1], [1, 1, 1]]
+    counts = sum(torch.bincount(s.labels, minlength=3) for s in (splits.train, splits.val, splits.test))
+    assert counts.tolist() == [5, 5, 5] and all(torch.bincount(s.labels, minlength=3).min() >= 1 for s in (splits.val, splits.test))
 
 
-def test_class_with_two_images_raises(tmp_path: Path) -> None:
+@pytest.mark.parametrize("count", [0, 2])
+def test_a_class_with_too_few_images_is_named(tmp_path: Path, count: int) -> None:
     root = tmp_path / "small"
-    for name, n in (("big", 10), ("tiny", 2)):
+    for name, n in (("big", 10), ("tiny", count)):
         (root / name).mkdir(parents=True)
         for i in range(n):
             Image.new("RGB", (20, 20), (i, i, i)).save(root / name / f"{i}.png")
-    with pytest.raises(ValueError, match="tiny"):
+    with pytest.raises(DataError, match=f"class 'tiny' .* has {count} readable image.*need at least 3"):
         load_data(config(root))
+
+
+def test_hidden_folders_and_files_are_not_classes_or_images(folder: Path) -> None:
+    (folder / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (20, 20)).save(folder / ".ipynb_checkpoints" / "x.png")
+    (folder / "ant" / ".DS_Store").write_bytes(b"\0\1junk")
+    (folder / "ant" / ".cache").mkdir()
+    Image.new("RGB", (20, 20)).save(folder / "ant" / ".cache" / "y.png")
+    splits = load_data(config(folder))
+    assert splits.classes == ("ant", "moth", "zebra") and splits.skipped == ()
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 30
+
+
+@pytest.fixture
+def bad_files(folder: Path) -> list[str]:
+    good = (folder / "ant" / "00.png").read_bytes()
+    (folder / "ant" / "truncated.png").write_bytes(good[: len(good) // 2])
+    (folder / "ant" / "empty.jpg").write_bytes(b"")
+    (folder / "zebra" / "notes.txt").write_text("not an image")
+    return ["ant/empty.jpg", "ant/truncated.png", "zebra/notes.txt"]
+
+
+def test_unreadable_files_are_skipped_and_listed(folder: Path, bad_files: list[str]) -> None:
+    splits = load_data(config(folder))
+    assert [entry.split(" ")[0] for entry in splits.skipped] == bad_files
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 30
+
+
+def test_on_bad_file_error_names_the_file(folder: Path, bad_files: list[str]) -> None:
+    with pytest.raises(DataError, match="unreadable file ant/empty.jpg .* and 2 more; .*on_bad_file: skip"):
+        load_data(config(folder, on_bad_file="error"))
+
+
+def _decoded(tmp_path: Path, name: str, image: Image.Image, **save) -> torch.Tensor:
+    image.save(tmp_path / name, **save)
+    return decode_image_file(tmp_path / name, size=8)
+
+
+def test_16_bit_images_are_scaled_not_saturated(tmp_path: Path) -> None:
+    import numpy as np
+
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    for name in ("ramp.png", "ramp.tif"):  # torchvision's PNG decoder, PIL's TIFF
+        x = _decoded(tmp_path, name, Image.fromarray(ramp))
+        assert x.dtype == torch.uint8 and x.shape == (3, 8, 8)
+        assert 120 < x.float().mean() < 135 and (x == 255).float().mean() < 0.05
+
+
+@pytest.mark.parametrize("name", ["a.png", "a.webp"])
+def test_transparency_is_composited_onto_white(tmp_path: Path, name: str) -> None:
+    image = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
+    image.paste((0, 0, 255, 0), (0, 0, 4, 8))  # the left half fully transparent
+    x = _decoded(tmp_path, name, image, **({"lossless": True} if name.endswith("webp") else {}))
+    assert x[:, :, 0].tolist() == [[BACKGROUND] * 8] * 3 and x[:, :, 7].tolist() == [[255] * 8, [0] * 8, [0] * 8]
+
+
+MODES = [("CMYK", ".jpg"), ("L", ".jpg"), ("RGB", ".jpg")] + [(m, s) for m in ("L", "P", "RGB") for s in (".png", ".bmp", ".gif")]
+
+
+@pytest.mark.parametrize(("mode", "suffix"), MODES)
+def test_every_colour_mode_decodes_to_the_rgb_pil_sees(tmp_path: Path, mode: str, suffix: str) -> None:
+    colour = {"CMYK": (0, 255, 255, 0), "L": 77, "P": 3, "RGB": (10, 200, 30)}[mode]
+    image = Image.new(mode, (8, 8), colour)
+    if mode == "P":
+        image.putpalette([0, 0, 0, 255, 255, 255, 0, 0, 0, 12, 34, 56] * 64)
+    image.save(tmp_path / f"x{suffix}")
+    with Image.open(tmp_path / f"x{suffix}") as reference:
+        expected = torch.tensor(list(reference.convert("RGB").getpixel((4, 4))))
+    got = decode_image_file(tmp_path / f"x{suffix}", size=8)[:, 4, 4]
+    assert (got.int() - expected.int()).abs().max() <= (6 if suffix == ".jpg" else 0), (got, expected)
 
 
 def test_batches_flip_normalized_channels_last(folder: Path) -> None:

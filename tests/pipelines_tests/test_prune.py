@@ -8,7 +8,8 @@ import torchvision
 from torch import nn
 
 from pipelines.models import head_name
-from pipelines.prune import Group, kept_channels, prunable_groups, prune_to_ratios
+from pipelines.importance import module_scores
+from pipelines.prune import Group, kept_channels, prunable_groups, prune_to_counts, prune_to_ratios
 
 from _models import fresh, pristine
 
@@ -239,3 +240,33 @@ def test_more_architectures_prune_export_and_run(arch: str, tmp_path) -> None:
     reloaded, _ = load_model(tmp_path)
     with torch.no_grad():
         assert torch.equal(model(x), reloaded(x))
+
+
+class _ConcatBN(nn.Module):
+    """Two 8-channel branches -> cat -> one BN: the BN's channels belong to two groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.c = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        return self.fc(self.c(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("criterion", ["bn_gamma", "l1"])
+def test_a_later_group_of_a_concatenation_prunes_the_channels_its_scores_chose(criterion: str) -> None:
+    model = _ConcatBN()
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.arange(1.0, 9.0).repeat(2))
+        for conv in (model.a, model.b):  # l1 ranks the branch filters the same way
+            conv.weight.copy_(torch.arange(1.0, 9.0).view(8, 1, 1, 1).expand_as(conv.weight))
+    scores = module_scores(model, criterion, data=None)
+    sizes = {module: len(values) for module, values in scores.items()}
+    prune_to_counts(model, {"a": 4, "b": 6}, image_size=8, scores=scores)
+    assert model.bn.weight.tolist() == [5.0, 6.0, 7.0, 8.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert {module: len(values) for module, values in scores.items()} == sizes  # the caller's scores are unchanged

@@ -39,6 +39,12 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "search": {"num_trials": 3, "max_concurrent": 2, "budgets": {"granularity": "stage", "keep_ratio": [0.2, 1.0]}},
     }
     (work / "tiny.yaml").write_text(yaml.safe_dump(space))
+    mixed = work / "animal_mnist" / "mixed"  # a class smaller than the cap: every file in it is read
+    mixed.mkdir()
+    for image in sorted((work / "animal_mnist" / "cat").glob("*.png"))[:5]:
+        (mixed / image.name).write_bytes(image.read_bytes())
+    (mixed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (work / "animal_mnist" / ".ipynb_checkpoints").mkdir()
     result = _slimtune("search", "tiny.yaml", cwd=work)
     assert result.returncode == 0, result.stderr[-3000:]
     tracker = Tracker(f"sqlite:///{work}/slimtune-runs/mlflow.db", "tiny")
@@ -211,3 +217,24 @@ def test_pareto_shows_the_newest_finished_search_and_names_a_newer_unfinished_on
         assert partial.returncode == 0 and "RUNNING: a partial front" in partial.stdout
     finally:
         tracker.end_run(running, "KILLED")
+
+
+def test_an_unreadable_file_is_skipped_named_and_listed_on_the_search_run(searched: dict) -> None:
+    assert "data: skipped 1 unreadable file(s): mixed/broken.png" in searched["stdout"]
+    tracker: Tracker = searched["tracker"]
+    listed = tracker.download(searched["search_id"], "skipped_files.txt", searched["work"] / "skipped").read_text()
+    assert listed.startswith("mixed/broken.png (")
+    assert "data: 11 classes" in searched["stdout"]  # .ipynb_checkpoints is no class
+
+
+def test_an_architecture_the_preflight_refuses_is_a_one_line_error_before_anything_trains(searched: dict) -> None:
+    work: Path = searched["work"]
+    tracker: Tracker = searched["tracker"]
+    before = tracker.latest_search().run_id
+    space = yaml.safe_load((work / "tiny.yaml").read_text())
+    space["model"] = {"arch": "squeezenet1_0", "weights": None}
+    (work / "squeeze.yaml").write_text(yaml.safe_dump(space))
+    result = _slimtune("search", "squeeze.yaml", cwd=work)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
+    assert "model.arch: squeezenet1_0 fails the pre-flight at 'build it with a new classifier" in result.stderr
+    assert tracker.latest_search().run_id == before  # no parent run, no teacher, no trial

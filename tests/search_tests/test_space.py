@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig
-from search._helpers import UsageError
 from search.space import (
     BudgetSpace,
     Experiment,
@@ -24,12 +23,7 @@ from search.space import (
 from _space_helpers import QUICKSTART, REPO, apply_mutations, make_classes, setting
 
 
-# ---------------------------------------------------------------- defaults
-
-
-def test_minimal_space_has_documented_defaults(raw: dict[str, Any], folder: Path) -> None:
-    experiment = parse_space(raw)
-    assert experiment == Experiment(name="t", data=DataConfig(path=str(folder.resolve())))
+# ---------------------------------------------------------------- paths
 
 
 @pytest.mark.parametrize("relative", ["images", "./images", "sub/../images"])
@@ -40,59 +34,6 @@ def test_relative_data_path_is_made_absolute(
     monkeypatch.chdir(tmp_path)
     raw["data"]["path"] = relative
     assert parse_space(raw).data.path == str((tmp_path / "images").resolve())
-
-
-@pytest.mark.parametrize(
-    ("attribute", "expected"),
-    [
-        ("name", "t"),
-        ("data.image_size", 64),
-        ("data.val_fraction", 0.15),
-        ("data.test_fraction", 0.30),
-        ("data.max_images_per_class", 350),
-        ("data.seed", 0),
-        ("model.arch", "mobilenet_v2"),
-        ("model.weights", "IMAGENET1K_V1"),
-        ("teacher.epochs", 8),
-        ("teacher.lr", 1e-3),
-        ("trial.epochs", 3),
-        ("trial.batch_size", 32),
-        ("trial.lr", 1e-3),
-        ("trial.bn_recalibration_batches", 10),
-        ("search.num_trials", 16),
-        ("search.max_concurrent", None),
-        ("search.sampler", "gp"),
-        ("search.seed", 0),
-        ("search.cpus_per_trial", 1),
-        ("search.gpus_per_trial", 0),
-        ("search.importance", ["l1"]),
-        ("search.budgets.granularity", ["target"]),
-        ("search.budgets.target_macs", Range(0.005, 0.8, log=True)),
-        ("search.budgets.keep_ratio", Range(0.1, 1.0)),
-        ("search.budgets.keep", {}),
-        ("search.warm_start", "front"),
-        ("search.rungs", []),
-        ("search.epoch_budget", None),
-        ("search.lr", Range(3e-4, 3e-3, log=True)),
-        ("search.kd_alpha", Range(0.0, 1.0)),
-        ("search.kd_temperature", Range(1.0, 8.0)),
-    ],
-)
-def test_minimal_space_default(raw: dict[str, Any], attribute: str, expected: Any) -> None:
-    value: Any = parse_space(raw)
-    for part in attribute.split("."):
-        value = getattr(value, part)
-    assert value == expected
-
-
-def test_parsed_experiment_is_frozen(raw: dict[str, Any]) -> None:
-    experiment = parse_space(raw)
-    with pytest.raises(AttributeError):
-        experiment.name = "other"  # type: ignore[misc]
-
-
-def test_space_error_is_a_usage_error() -> None:
-    assert issubclass(SpaceError, UsageError)
 
 
 # ---------------------------------------------------------------- valid forms
