@@ -6,9 +6,11 @@ from __future__ import annotations
 import tempfile
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipelines.config import ModelConfig
 from pipelines.export import load_model, save_model
+from pipelines.macs import count_macs
 from pipelines.models import build_model
 from pipelines.prune import prunable_groups, prune_to_ratios
 
@@ -24,6 +26,10 @@ def check_architecture(arch: str, *, image_size: int, num_classes: int) -> None:
     step = "build it with a new classifier (its last nn.Linear)"
     try:
         model = build_model(ModelConfig(arch=arch, weights=None), num_classes=num_classes)
+        step = "have no attention layers"  # their MACs are not counted; tracing them can exhaust memory
+        attention = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
+        if attention:
+            raise ValueError(f"it has {', '.join(attention)}")
         step = "trace its prunable channel groups"
         groups = prunable_groups(model, image_size=image_size)
         step = "prune every group to half its channels"
@@ -44,5 +50,11 @@ def check_architecture(arch: str, *, image_size: int, num_classes: int) -> None:
         with torch.no_grad():
             if not torch.allclose(model(images), reloaded(images), atol=1e-5):
                 raise ValueError("the reloaded model computes other logits")
+        step = "count its MACs"  # conv and linear layers only: attention's matrix products would be missed
+        with torch.no_grad(), FlopCounterMode(display=False) as flops:
+            model(images[:1])
+        counted, expected = count_macs(model, image_size=image_size).macs, flops.get_total_flops() // 2
+        if counted != expected:
+            raise ValueError(f"slimtune counts {counted} MACs, torch's FlopCounterMode {expected} (attention or other matrix products)")
     except Exception as error:
         raise ArchitectureError(f"{arch} fails the pre-flight at '{step}' ({type(error).__name__}: {str(error).splitlines()[0][:200]})") from error

@@ -75,8 +75,15 @@ class Tracker:
         self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.exceptions import MlflowException
+
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, value)
+            try:
+                self.client.set_tag(run_id, key, value)
+            except MlflowException as error:  # another process inserted the same tag between MLflow's read and write
+                if "UNIQUE constraint failed" not in str(error):
+                    raise
+                self.client.set_tag(run_id, key, value)  # the row exists now: this is an update
 
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)

@@ -45,6 +45,7 @@ def test_a_tested_architecture_prunes_trains_exports_and_counts_its_macs(arch: s
         ("shufflenet_v2_x1_0", 32, "trace its prunable channel groups"),  # channel shuffle
         ("regnet_y_400mf", 32, "prune every group to half"),  # grouped convolutions of width 8
         ("inception_v3", 64, "trace its prunable channel groups"),  # needs at least 75 px
+        ("swin_t", 32, "have no attention layers"),  # attention MACs are not counted
     ],
 )
 def test_the_preflight_refuses_an_architecture_naming_the_step(arch: str, image_size: int, step: str) -> None:

@@ -36,7 +36,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "name": "tiny",
         "data": {"path": "animal_mnist", "image_size": 32, "max_images_per_class": 40},
         "teacher": {"epochs": 1},
-        "trial": {"epochs": 6, "bn_recalibration_batches": 2},
+        "trial": {"epochs": 4, "bn_recalibration_batches": 2},
         "search": {"num_trials": NUM_TRIALS, "max_concurrent": 2, "warm_start": "teacher"},
     }
     (work / "tiny.yaml").write_text(yaml.safe_dump(space))
