@@ -271,7 +271,7 @@ def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInte
         if run.tags.get(TRIAL_TAG) in stopped_by_signal:
             tracker.set_tags(run.run_id, {INTERRUPTED_TAG: signal.Signals(interrupted.signum).name})
         else:
-            tracker.set_tags(run.run_id, {"error": "the trial process ended without reporting a final status"})
+            tracker.set_tags(run.run_id, {"error": "the trial process ended without reporting a final status (its node or the driver was lost)"})
         tracker.end_run(run.run_id, "KILLED")
 
 
