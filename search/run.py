@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,8 +17,7 @@ from typing import Any
 
 import yaml
 
-from search._progress import progress_callback
-from search._signals import StopRequest, handling_signals
+from search._helpers import format_count
 from search.front import SearchFront, front_of
 from search.knobs import anchor_points, resolve, search_space, target_grid, trial_params
 from search.layout import Layout
@@ -51,6 +51,50 @@ class SearchInterrupted(Exception):
         return 128 + self.signum  # the shell's convention: 130 after Ctrl-C, 143 after SIGTERM
 
 
+class _StopRequest:
+    """The first SIGINT or SIGTERM received while the trials run; a second SIGINT aborts at once.
+
+    The first is handed on to Ray Tune's own graceful stop (its SIGUSR1 handler): Tune saves the
+    experiment state with the running trials as unfinished, which is what `resume` continues,
+    then stops them. `announce` runs first, so that a stopped trial can tell a signal from a
+    halving stop."""
+
+    def __init__(self, announce: Callable[[int], None]) -> None:
+        self.signum: int | None = None
+        self.announce = announce
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.signum = signum
+        self.announce(signum)
+        threading.Thread(target=_stop_tune, daemon=True).start()
+
+
+def _stop_tune() -> None:
+    """Raise SIGUSR1 once Tune's handler for it is installed (at the start of its loop)."""
+    deadline = time.monotonic() + 600
+    while signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    signal.raise_signal(signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def _handling_signals(request: _StopRequest) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+    previous = {signum: signal.signal(signum, request) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # not an earlier Tune run's handler
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _sampler(experiment: Experiment, *, startup: int) -> Any:
     import optuna
 
@@ -63,6 +107,56 @@ def _sampler(experiment: Experiment, *, startup: int) -> Any:
         # Smaller generations than Optuna's default 50 so that a 16-trial search evolves at all.
         return optuna.samplers.NSGAIISampler(population_size=max(4, min(50, s.num_trials // 2)), seed=s.seed)
     return optuna.samplers.RandomSampler(seed=s.seed)
+
+
+def _progress_callback(total: int, log: Log) -> Any:
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self) -> None:
+            self.done = 0
+            self.started: dict[str, float] = {}
+
+        def get_state(self) -> dict:  # saved with Tune's experiment state: `resume` counts on
+            return {"done": self.done}
+
+        def set_state(self, state: dict) -> None:
+            self.done = state["done"]
+
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.started[trial.trial_id] = time.time()
+
+        def _elapsed(self, trial: Any) -> str:
+            return f"{time.time() - self.started.get(trial.trial_id, time.time()):.0f} s"
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            r = trial.last_result
+            if r.get("failed"):
+                self.on_trial_error(iteration, trials, trial)
+                return
+            self.done += 1
+            origin = f", from trial {r['start_from']}" if r.get("start_from") else ""
+            if r.get("final"):
+                log(
+                    f"[{self.done}/{total}] trial {trial.trial_id}: val acc {r['val_accuracy']:.3f},"
+                    f" test acc {r['test_accuracy']:.3f}, {format_count(r['macs'])} MACs ({r['macs_ratio']:.3f}x teacher),"
+                    f" proxy {r['proxy_accuracy']:.3f}{origin}, {self._elapsed(trial)}"
+                )
+            else:
+                log(
+                    f"[{self.done}/{total}] trial {trial.trial_id}: stopped after epoch {int(r.get('epoch', 0))}"
+                    f" (val acc {r.get('val_accuracy', float('nan')):.3f} at {r.get('macs_ratio', float('nan')):.3f}x MACs), {self._elapsed(trial)}"
+                )
+
+        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            epoch = int(trial.last_result.get("epoch", 0)) if trial.last_result else 0
+            log(f"        trial {trial.trial_id}: its process or node was lost after epoch {epoch}; retrying it (from its last checkpoint, where it has one)")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.done += 1
+            log(f"[{self.done}/{total}] trial {trial.trial_id}: FAILED after {self._elapsed(trial)} (error in MLflow run tag 'error')")
+
+    return Progress()
 
 
 def _run_trials(
@@ -85,7 +179,7 @@ def _run_trials(
 
     from pipelines.trial import can_start_from_trial
     from search.scheduler import ParetoHalving
-    from search.searcher import OBJECTIVES, StudySearcher, close_running, count_repeats
+    from search.searcher import OBJECTIVES, StudySearcher, close_running
     from search.trainable import run_tune_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -135,7 +229,7 @@ def _run_trials(
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=0,
-                callbacks=[progress_callback(s.num_trials, log)],
+                callbacks=[_progress_callback(s.num_trials, log)],
             ),
         )
         halving = f", halving at epochs {s.rungs} (eta {s.eta:g})" if s.rungs else ""
@@ -148,12 +242,12 @@ def _run_trials(
     def announce(signum: int) -> None:  # before Tune stops any trial: they read it
         tracker.set_tags(context.parent_run_id, {INTERRUPTED_TAG: signal.Signals(signum).name})
 
-    request = StopRequest(announce)
+    request = _StopRequest(announce)
     started = time.perf_counter()
-    with handling_signals(request):
+    with _handling_signals(request):
         tuner.fit()
     seconds = time.perf_counter() - started
-    repeats = count_repeats(study)  # from the study: after a restore, Tune runs its own unpickled searcher
+    repeats = sum(bool(t.user_attrs.get("repeat")) for t in study.get_trials(deepcopy=False))
     if repeats:
         log(f"search: skipped {repeats} repeated configuration(s) the sampler proposed")
     if request.signum is None:
@@ -169,7 +263,7 @@ def _experiment_path(storage: str, name: str) -> str:
 def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInterrupted | None = None) -> None:
     """A trial process killed before its own `except` (a lost worker, a hard stop, the end of an
     interrupted search) leaves its run RUNNING: end it KILLED, so that no run of the search stays
-    RUNNING. Trials that ended themselves read the interruption from the search run (`announce`)."""
+    RUNNING. Trials that ended themselves read the interruption from the search run (`StopOnSignal`)."""
     stopped_by_signal = set(interrupted.trial_ids) if interrupted else set()
     for run in tracker.children(parent_id, role="trial"):
         if run.status != "RUNNING":
@@ -256,7 +350,7 @@ def resume_search(
     if run.status == "FINISHED":
         raise SpaceError(f"search {run.run_id} of {name!r} finished already; `slimtune search` starts a new one")
     storage = run.tags.get(RAY_STORAGE_TAG, str(layout.ray_storage))
-    path = _experiment_path(storage, _study_name(name, run.name))
+    path = _experiment_path(storage, _study_name(name, run))
     if not tune.Tuner.can_restore(path):
         raise SpaceError(f"search {run.run_id}: no Ray Tune experiment to restore at {path} (moved or deleted?)")
     with tempfile.TemporaryDirectory(prefix="slimtune-resume-") as work:
@@ -290,9 +384,9 @@ def _ray(address: str | None, experiment: Experiment, *, tracking_uri: str, log:
         ray.shutdown()
 
 
-def _study_name(name: str, search_name: str) -> str:
+def _study_name(name: str, search: RunRecord) -> str:
     """The Optuna study and the Ray Tune experiment of a search are named after its parent run."""
-    return f"{name}-{search_name.removeprefix('search-')}"
+    return f"{name}-{search.name.removeprefix('search-')}"
 
 
 def _load_data(experiment: Experiment, log: Log) -> Any:
@@ -339,11 +433,10 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
     _preflight(experiment, num_classes=len(splits.classes))
     if resume is None:
         tracker = Tracker(uri, experiment.name, create=True, local_artifacts=layout.artifacts)
-        search_name = f"search-{time.strftime('%Y%m%d-%H%M%S')}"
-        parent_id = tracker.start_run(search_name, role="search", tags={RAY_STORAGE_TAG: storage})
+        parent_id = tracker.start_run(f"search-{time.strftime('%Y%m%d-%H%M%S')}", role="search", tags={RAY_STORAGE_TAG: storage})
     else:
         tracker = Tracker(uri, experiment.name)
-        parent_id, search_name = resume.run_id, resume.name
+        parent_id = resume.run_id
         tracker.reopen(parent_id)
     log(f"MLflow: experiment {experiment.name!r}, parent run {parent_id} in {uri}")
     try:
@@ -378,7 +471,7 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
         interrupted = None
         try:
             seconds, interrupted = _run_trials(
-                experiment, layout, context, tracker=tracker, macs=macs, study_name=_study_name(experiment.name, search_name),
+                experiment, layout, context, tracker=tracker, macs=macs, study_name=_study_name(experiment.name, tracker.get(parent_id)),
                 storage=storage, restore=resume is not None, log=log,
             )
         finally:

@@ -36,7 +36,7 @@ from ray.tune.search import Searcher
 
 from search.pareto import Point, pareto_front
 
-__all__ = ["StudySearcher", "FinishedTrial", "choose_parent", "close_running", "count_repeats", "OBJECTIVES"]
+__all__ = ["StudySearcher", "FinishedTrial", "choose_parent", "close_running", "OBJECTIVES"]
 
 # The study's objectives, in the order Optuna stores them.
 OBJECTIVES = {"val_accuracy": "maximize", "macs": "minimize"}
@@ -85,18 +85,16 @@ class StudySearcher(Searcher):
         for point in sorted(queue, key=lambda p: -p.get("target_macs", 2.0)):
             study.enqueue_trial(point, skip_if_exists=True)
         self._anchor_keys = {_key(point) for point in anchors}
+        self.repeats_skipped = 0
         self._handed_out: set[str] = set()
         self._trials: dict[str, optuna.trial.Trial] = {}  # Ray trial id -> its Optuna trial
         self._epochs: dict[str, int] = {}  # Ray trial id -> fine-tune epochs it has reported
         self._running: set[str] = set()
         self.finished: list[FinishedTrial] = []
+        self.seconds = 0.0  # wall time of the trial phase, set by whoever runs the Tuner
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # the study carries both objectives; the space comes from `search.knobs`
-
-    @property
-    def repeats_skipped(self) -> int:
-        return count_repeats(self.study)
 
     @property
     def epochs_used(self) -> int:
@@ -117,6 +115,7 @@ class StudySearcher(Searcher):
                 break
             trial.set_user_attr("repeat", True)
             self.study.tell(trial, state=TrialState.FAIL)
+            self.repeats_skipped += 1
             trial = self.study.ask(fixed_distributions=self.space)
         self._handed_out.add(_key(trial.params))
         trial.set_user_attr("ray_trial_id", trial_id)
@@ -179,6 +178,7 @@ class StudySearcher(Searcher):
             "running": sorted(self._running),
             "handed_out": sorted(self._handed_out),
             "finished": [dataclasses.asdict(t) for t in self.finished],
+            "repeats_skipped": self.repeats_skipped,
         }
         Path(checkpoint_path).write_text(json.dumps(state))
 
@@ -189,17 +189,13 @@ class StudySearcher(Searcher):
         self._running = set(state["running"])
         self._handed_out = set(state["handed_out"])
         self.finished = [FinishedTrial(**t) for t in state["finished"]]
+        self.repeats_skipped = int(state["repeats_skipped"])
         known = set(state["trials"].values())
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if frozen.number not in known:  # asked by the dead driver after Tune last saved this state
                 trial = _live_trial(self.study, frozen.number)
                 trial.set_user_attr("lost", True)
                 self.study.tell(trial, state=TrialState.FAIL)
-
-
-def count_repeats(study: optuna.Study) -> int:
-    """Configurations the sampler proposed again, told FAIL with the user attribute `repeat`."""
-    return sum(bool(t.user_attrs.get("repeat")) for t in study.get_trials(deepcopy=False))
 
 
 def close_running(study: optuna.Study, *, finished: dict[str, dict[str, float]]) -> list[str]:
