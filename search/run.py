@@ -263,7 +263,7 @@ def _experiment_path(storage: str, name: str) -> str:
 def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInterrupted | None = None) -> None:
     """A trial process killed before its own `except` (a lost worker, a hard stop, the end of an
     interrupted search) leaves its run RUNNING: end it KILLED, so that no run of the search stays
-    RUNNING. Trials that ended themselves read the interruption from the search run (`StopOnSignal`)."""
+    RUNNING. Trials that ended themselves read the interruption from the search run (`announce`)."""
     stopped_by_signal = set(interrupted.trial_ids) if interrupted else set()
     for run in tracker.children(parent_id, role="trial"):
         if run.status != "RUNNING":
