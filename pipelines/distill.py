@@ -32,6 +32,7 @@ __all__ = [
     "AFDLoss",
     "delta_channel_weights",
     "Objective",
+    "build_term",
     "build_objective",
     "needs",
     "context_needs",
@@ -51,6 +52,9 @@ class DistillBatch:
     extra_logits: torch.Tensor | None = None  # the student's extra 1000-way head (source_kd), N x 1000
     student_features: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> N x C_kept x H x W
     source_features: dict[str, torch.Tensor] = field(default_factory=dict)  # same names, same kept channels
+    # name -> the kept channels' indices among the source's (absent: the maps are unpruned). Terms
+    # with learned parts size them to the source's widths and index them, so pruning never resizes them.
+    source_channels: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _required(batch: DistillBatch, name: str, term: str) -> torch.Tensor:
@@ -137,8 +141,10 @@ class ExtraHead(nn.Module):
 
     Deliberately NOT a submodule of the student, so the exported state_dict is unchanged; add its
     `.parameters()` to the optimiser and call `remove()` (drops the hook) before exporting. `weight`/`bias`
-    optionally initialise it, e.g. from the ImageNet classifier sliced to the kept penultimate channels,
-    so that source_kd starts near 0 instead of learning a 1000-way head from scratch.
+    optionally initialise it, e.g. from the ImageNet classifier, so that source_kd starts near 0
+    instead of learning a 1000-way head from scratch. Sized to the unpruned classifier input: after
+    pruning, `inputs` (the kept input channels' indices) selects its columns, so one head is trained
+    across pruning rounds and its columns stay aligned with the channels they read.
     """
 
     def __init__(
@@ -153,9 +159,11 @@ class ExtraHead(nn.Module):
                 self.fc.bias.copy_(bias)
         self._handle: torch.utils.hooks.RemovableHandle | None = None
         self._captured: torch.Tensor | None = None
+        self.inputs: torch.Tensor | None = None
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(features.flatten(1))
+        weight = self.fc.weight if self.inputs is None else self.fc.weight[:, self.inputs]
+        return F.linear(features.flatten(1), weight, self.fc.bias)
 
     def remove(self) -> None:
         """Remove the forward pre-hook from the student's classifier and drop the captured features."""
@@ -172,22 +180,30 @@ def attach_extra_head(
     *,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    extra: ExtraHead | None = None,
+    inputs: torch.Tensor | None = None,
 ) -> tuple[ExtraHead, Callable[[], torch.Tensor]]:
     """Hook `model.get_submodule(head_name)`'s input; returns (ExtraHead, fn giving the last forward's extra logits).
 
-    `in_features` is that of the first nn.Linear in the head (the head itself, or e.g. the Linear of a
-    `Sequential(Dropout, Linear)` classifier), so attach after pruning. The extra logits are computed
-    when the function is called, from the captured (graph-carrying) input of the latest forward, so
-    they back-propagate into the shared backbone. The model gains only a hook: no parameters or keys.
+    Without `extra`, a new head of `in_features` that of the first nn.Linear in the classifier (the
+    head itself, or e.g. the Linear of a `Sequential(Dropout, Linear)` classifier). `extra`: an
+    existing (unpruned-width) head to hook on instead, reading the columns `inputs`. The extra logits
+    are computed when the function is called, from the captured (graph-carrying) input of the latest
+    forward, so they back-propagate into the shared backbone. The model gains only a hook.
     """
     head = model.get_submodule(head_name)
     linear = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
     if linear is None:
         raise ValueError(f"{head_name!r} contains no nn.Linear; pass the classifier whose input is the penultimate features")
-    extra = ExtraHead(linear.in_features, num_outputs, weight=weight, bias=bias).to(linear.weight.device)
+    if extra is None:
+        extra = ExtraHead(linear.in_features, num_outputs, weight=weight, bias=bias).to(linear.weight.device)
+    extra.inputs = inputs
+    width = linear.in_features if inputs is None else len(inputs)
+    if width != linear.in_features or (inputs is None and extra.fc.in_features != width):
+        raise ValueError(f"the extra head reads {width} of its {extra.fc.in_features} inputs; the classifier has {linear.in_features}")
 
-    def capture(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        extra._captured = inputs[0]
+    def capture(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        extra._captured = args[0]
 
     extra._handle = head.register_forward_pre_hook(capture)
 
@@ -294,8 +310,24 @@ def _knobs(cls: type[nn.Module]) -> set[str]:
     return {n for n, p in signature.parameters.items() if p.kind is p.KEYWORD_ONLY} - set(cls.context)
 
 
+def build_term(name: str, knobs: Mapping[str, float], **context: object) -> nn.Module:
+    """One term of `LOSSES` from its knobs and the context it needs (see `build_objective`)."""
+    cls = LOSSES.get(name)
+    missing = sorted(k for k in cls.context if context.get(k) is None)
+    if missing:
+        raise ValueError(f"loss {name!r} needs {', '.join(missing)} passed to build_objective")
+    unknown = sorted(set(knobs) - _knobs(cls))
+    if unknown:
+        raise ValueError(f"loss {name!r}: unknown knobs {unknown}; valid: {', '.join(sorted(_knobs(cls)))}")
+    return cls(**dict(knobs), **{k: context[k] for k in cls.context})
+
+
 def build_objective(
-    spec: Mapping[str, Mapping[str, float]], *, class_weights: torch.Tensor | None = None, **context: object
+    spec: Mapping[str, Mapping[str, float]],
+    *,
+    class_weights: torch.Tensor | None = None,
+    built: Mapping[str, nn.Module] | None = None,
+    **context: object,
 ) -> Objective:
     """Build an Objective from `{term name: {knob: value}}`, e.g. `{"kd": {"alpha": 0.5, "temperature": 4}}`.
 
@@ -303,18 +335,11 @@ def build_objective(
     l2sp, channel_weights for delta, channels for afd); a None value counts as missing. Unknown term
     names raise KeyError listing the valid ones; missing context or unknown knobs raise ValueError.
     An empty spec gives plain cross-entropy; `class_weights` goes to `Objective`. Context a term does
-    not need is ignored, so the trial may pass one context for every spec.
+    not need is ignored, so the trial may pass one context for every spec. `built`: terms built
+    earlier (`build_term`) to use as they are, e.g. AFD's attention, trained across pruning rounds.
     """
-    terms: dict[str, nn.Module] = {}
-    for name, knobs in spec.items():
-        cls = LOSSES.get(name)
-        missing = sorted(k for k in cls.context if context.get(k) is None)
-        if missing:
-            raise ValueError(f"loss {name!r} needs {', '.join(missing)} passed to build_objective")
-        unknown = sorted(set(knobs) - _knobs(cls))
-        if unknown:
-            raise ValueError(f"loss {name!r}: unknown knobs {unknown}; valid: {', '.join(sorted(_knobs(cls)))}")
-        terms[name] = cls(**dict(knobs), **{k: context[k] for k in cls.context})
+    built = built or {}
+    terms = {name: built[name] if name in built else build_term(name, knobs, **context) for name, knobs in spec.items()}
     return Objective(terms=terms, class_weights=class_weights)
 
 

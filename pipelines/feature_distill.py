@@ -1,7 +1,9 @@
 """Feature-map regularisers towards the frozen source network: DELTA and AFD (attentive feature distillation).
 
 Both compare a student feature map with the source net's map *restricted to the same kept channels*
-(`DistillBatch.student_features` / `source_features`, aligned by the trial). Distances are means over
+(`DistillBatch.student_features` / `source_features`, aligned by the trial). Their channel weights
+and attention nets are sized to the source's (unpruned) widths and read the kept channels'
+entries (`DistillBatch.source_channels`), so a term survives pruning rounds unchanged. Distances are means over
 the spatial positions (and, for DELTA, the batch), not the papers' sums, so a weight means the same at
 any image size; the papers' weights (DELTA ~0.01 on sums) are thus not directly transferable.
 The terms are registered in `pipelines.distill.LOSSES` by `pipelines.distill` (this module does not
@@ -23,8 +25,11 @@ if TYPE_CHECKING:
 __all__ = ["DeltaLoss", "AFDLoss", "delta_channel_weights"]
 
 
-def _layer_pairs(batch: DistillBatch, known: Mapping[str, int], term: str) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """(name, student, detached source) for every feature in the batch, checked against the term's layers."""
+def _layer_pairs(
+    batch: DistillBatch, known: Mapping[str, int], term: str
+) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """(name, student, detached source, kept channel indices or None) for every feature in the
+    batch, checked against the term's layers (`known`: their unpruned widths)."""
     if not batch.student_features:
         raise ValueError(f"{term} needs batch.student_features (and source_features); none were given")
     pairs = []
@@ -34,12 +39,14 @@ def _layer_pairs(batch: DistillBatch, known: Mapping[str, int], term: str) -> li
         if name not in batch.source_features:
             raise ValueError(f"{term}: batch.source_features lacks {name!r}")
         source = batch.source_features[name].detach()
-        if student.shape != source.shape or student.dim() < 2 or student.shape[1] != known[name]:
+        index = batch.source_channels.get(name)
+        width = known[name] if index is None else len(index)
+        if student.shape != source.shape or student.dim() < 2 or student.shape[1] != width:
             raise ValueError(
                 f"{term}: feature {name!r}: student {tuple(student.shape)} and source {tuple(source.shape)}"
-                f" must be equal N x {known[name]} x ... maps"
+                f" must be equal N x {width} x ... maps"
             )
-        pairs.append((name, student, source))
+        pairs.append((name, student, source, index))
     return pairs
 
 
@@ -52,8 +59,8 @@ def _channel_mse(student: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
 class DeltaLoss(nn.Module):
     """DELTA (Li et al. ICLR 2019): `sum_l sum_c w_l[c] * mean_{n,h,w} (f_l[c] - f*_l[c])^2`.
 
-    `channel_weights[name]` comes from `delta_channel_weights` on the full source net, sliced by the
-    trial to the kept channels. They are NOT renormalised after slicing: a heavily pruned layer
+    `channel_weights[name]` comes from `delta_channel_weights` on the full source net; the kept
+    channels' weights are used. They are NOT renormalised after pruning: a heavily pruned layer
     whose important channels survive keeps most of its weight. Sums over the batch's feature names.
     """
 
@@ -72,9 +79,10 @@ class DeltaLoss(nn.Module):
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         sizes = {name: len(w) for name, w in self.channel_weights.items()}
         total = None
-        for name, student, source in _layer_pairs(batch, sizes, "delta"):
+        for name, student, source, index in _layer_pairs(batch, sizes, "delta"):
             per_channel = _channel_mse(student, source).mean(dim=0)
-            term = (self.channel_weights[name].to(per_channel) * per_channel).sum()
+            weights = self.channel_weights[name].to(per_channel)
+            term = ((weights if index is None else weights[index.to(weights.device)]) * per_channel).sum()
             total = term if total is None else total + term
         return {"delta": total}
 
@@ -197,17 +205,23 @@ class AFDLoss(nn.Module):
         nn.init.zeros_(net[2].bias)
         return net
 
-    def attention_weights(self, name: str, source: torch.Tensor) -> torch.Tensor:
-        """rho for layer `name`: N x C, each row positive and summing to 1."""
-        pooled = source.flatten(2).mean(dim=2) if source.dim() > 2 else source
-        gates = torch.sigmoid(self.attention[_module_key(name)](pooled.detach()))
+    def attention_weights(self, name: str, source: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """rho for layer `name`: N x C, each row positive and summing to 1. `index`: the source
+        channels that `source`'s C are (pruned maps); the pruned channels enter the net as zeros
+        and leave its output, which is the net with those inputs and outputs removed."""
+        pooled = (source.flatten(2).mean(dim=2) if source.dim() > 2 else source).detach()
+        if index is not None:
+            pooled = pooled.new_zeros(len(pooled), self.channels[name]).index_copy(1, index.to(pooled.device), pooled)
+        gates = torch.sigmoid(self.attention[_module_key(name)](pooled))
+        if index is not None:
+            gates = gates[:, index.to(gates.device)]
         return gates / gates.sum(dim=1, keepdim=True)
 
     def forward(self, batch: DistillBatch) -> dict[str, torch.Tensor]:
         distance, surrogate, entropies = None, None, []
-        for name, student, source in _layer_pairs(batch, self.channels, "afd"):
+        for name, student, source, index in _layer_pairs(batch, self.channels, "afd"):
             d = _channel_mse(student, source)
-            rho = self.attention_weights(name, source)
+            rho = self.attention_weights(name, source, index)
             layer = (rho.detach() * d).sum(dim=1).mean()
             entropy = -(rho * rho.clamp_min(1e-12).log()).sum(dim=1)
             relative = (d / (d.mean(dim=1, keepdim=True) + 1e-12)).detach()

@@ -15,11 +15,11 @@ from torch import nn
 
 from pipelines.data import Split, batches
 from pipelines.device import device_of
-from pipelines.distill import DistillBatch, attach_extra_head, build_objective, delta_channel_weights
+from pipelines.distill import DistillBatch, ExtraHead, attach_extra_head, build_objective, build_term, delta_channel_weights
 from pipelines.models import head_name
-from pipelines.sources import FeatureTap, SourceNet, kept_channels
+from pipelines.sources import FeatureTap, SourceNet, classifier_inputs, kept_channels, stage_widths
 
-__all__ = ["TrialObjective", "make_objective", "SOURCE_TERMS", "FEATURE_TERMS", "delta_weights"]
+__all__ = ["TrialObjective", "learned_parts", "make_objective", "SOURCE_TERMS", "FEATURE_TERMS", "delta_weights"]
 
 SOURCE_TERMS = {"source_kd", "delta", "afd"}  # terms that run the frozen source network
 FEATURE_TERMS = {"delta", "afd"}
@@ -33,7 +33,9 @@ def delta_weights(teacher: nn.Module, layers: list[str], train: Split, *, direct
         return load_file(path)
     probe = [(x, y) for x, y, _ in batches(train, batch_size=batch_size, shuffle=True, seed=0)][:1]
     weights = {k: v.cpu().contiguous() for k, v in delta_channel_weights(teacher, layers, probe).items()}
-    temporary = path.with_suffix(f".{os.getpid()}.{uuid.uuid4().hex}.tmp")  # not torch's RNG: the trial's stream stays its own
+    # Hidden, so that a trial loading the teacher folder meanwhile ignores it; named with uuid, not
+    # torch's RNG: the trial's stream stays its own.
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     save_file(weights, temporary)
     temporary.replace(path)  # atomic: concurrent trials may race to write the same weights
     return weights
@@ -49,48 +51,63 @@ class TrialObjective:
     close: Callable[[], None]
 
 
+def learned_parts(losses: dict[str, dict[str, float]], *, dense: nn.Module, layers: list[str]) -> nn.ModuleDict:
+    """The trainable parts of the chosen losses (the source-KD head, AFD's attention nets), sized
+    to the unpruned network: a trial builds them once and trains them across its pruning rounds."""
+    parts = nn.ModuleDict()
+    if "source_kd" in losses:
+        parts["source_kd"] = ExtraHead(_classifier_width(dense))
+    if "afd" in losses:
+        parts["afd"] = build_term("afd", losses["afd"], channels=stage_widths(dense, layers))
+    return parts.to(device_of(dense))
+
+
+def _classifier_width(model: nn.Module) -> int:
+    return next(m for m in model.get_submodule(head_name(model)).modules() if isinstance(m, nn.Linear)).in_features
+
+
 def make_objective(
     losses: dict[str, dict[str, float]],
     *,
     student: nn.Module,
-    follower: nn.Module | None,
+    tracer: nn.Module | None,
+    parts: nn.ModuleDict,
     teacher_logits: torch.Tensor,
     source: SourceNet | None,
     delta: dict[str, torch.Tensor] | None,
     weight_decay: float,
     class_weights: torch.Tensor | None,
 ) -> TrialObjective:
+    """`losses` wired to the student as it is now. `tracer`: the pretrained network pruned in step
+    with the student (L2-SP's anchors, and the kept channels' indices); `parts`: `learned_parts`."""
     context: dict = {}
-    extras: list[nn.Parameter] = []
     cleanups: list[Callable[[], None]] = []
     head = head_name(student)
     if "l2sp" in losses:
-        anchors = dict(follower.named_parameters())
+        anchors = dict(tracer.named_parameters())
         context["pairs"] = [(p, anchors[n].detach().clone()) for n, p in student.named_parameters() if not n.startswith(head + ".")]
         context["head_params"] = list(student.get_submodule(head).parameters())
         weight_decay = 0.0  # L2-SP replaces weight decay
     extra_logits = None
     if "source_kd" in losses:
-        extra_head, extra_logits = attach_extra_head(student, head)
-        extras += list(extra_head.parameters())
-        cleanups.append(extra_head.remove)
+        _, extra_logits = attach_extra_head(student, head, extra=parts["source_kd"], inputs=classifier_inputs(tracer))
+        cleanups.append(parts["source_kd"].remove)
     kept: dict[str, torch.Tensor] = {}
     tap = None
     if FEATURE_TERMS & losses.keys():
-        kept = {name: kept_channels(follower, name) for name in source.layers}
+        kept = {name: kept_channels(tracer, name) for name in source.layers}
         tap = FeatureTap(student, source.layers)
         cleanups.append(tap.remove)
-        context["channels"] = {name: len(index) for name, index in kept.items()}
-        if "delta" in losses:
-            context["channel_weights"] = {name: delta[name].to(index.device)[index] for name, index in kept.items()}
+        context["channel_weights"] = delta
     if source is not None and tap is None:
         tap = FeatureTap(student, [])
         cleanups.append(tap.remove)
-    objective = build_objective(losses, class_weights=class_weights, **context).to(device_of(student))
-    extras += list(objective.parameters())
+    built = {"afd": parts["afd"]} if "afd" in losses else {}
+    objective = build_objective(losses, class_weights=class_weights, built=built, **context).to(device_of(student))
+    extras = list(objective.parameters()) + (list(parts["source_kd"].parameters()) if "source_kd" in losses else [])
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch = DistillBatch(logits=logits, labels=labels, teacher_logits=teacher_logits[index])
+        batch = DistillBatch(logits=logits, labels=labels, teacher_logits=teacher_logits[index], source_channels=kept)
         if source is not None:
             source_logits, source_features = source(tap.input)
             batch.source_logits = source_logits

@@ -7,26 +7,41 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipelines._registry import Registry
+from pipelines.checkpoint import TrialState
 from pipelines.gating import ChannelGate
 from pipelines.prune import Group, prune_to_counts
 
-__all__ = ["SCHEDULES", "PruningSession", "round_counts", "split_epochs"]
+__all__ = ["SCHEDULES", "PruningSession", "group_widths", "round_counts", "split_epochs"]
+
+
+def group_widths(model: nn.Module, groups: list[Group]) -> dict[str, int]:
+    """Channels each group has now (read off the named layers' output widths)."""
+    widths = {}
+    for g in groups:
+        layer = model.get_submodule(g.name)
+        if isinstance(layer, ChannelGate):  # a gated conv keeps its static width
+            layer = layer.conv
+        widths[g.name] = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
+    return widths
 
 
 @dataclass
 class PruningSession:
-    """The mutable state of one trial's pruning, and the callbacks a schedule drives."""
+    """One trial's pruning: its state, and the callbacks a schedule drives.
 
-    student: nn.Module
-    followers: list[nn.Module]  # pruned alongside the student: anchors/channel tracer, weight snapshots
+    Schedules are re-entrant: they read how far the state got (cuts done, rounds recorded, epochs
+    of the current round) and carry on from there, so a trial resumed from a checkpoint mid-round
+    continues that round instead of starting over.
+    """
+
+    state: TrialState
     groups: list[Group]  # the dense network's groups
-    target: dict[str, int]  # channels each group keeps at the end
     image_size: int
     score: Callable[[nn.Module, list[nn.Module]], dict[nn.Module, torch.Tensor]]  # criterion on (student, followers)
     recalibrate: Callable[[nn.Module], None]  # BN statistics on train batches
@@ -34,34 +49,28 @@ class PruningSession:
     # Loss and accuracy that schedules decide on: a selection split carved from train, never val
     # (val is the search's objective; deciding on it would make these trials look better than they are).
     decide_loss_and_accuracy: Callable[[nn.Module], tuple[float, float]]
-    fit: Callable[[nn.Module, list[nn.Module], int], float]  # (student, followers, epochs) -> accuracy to decide on
+    fit: Callable[[int], float]  # train the current round up to its planned epochs -> accuracy to decide on
     dense_scores: dict[nn.Module, torch.Tensor] | None = None  # the criterion on the unpruned student, if already computed
-    proxy_accuracy: float | None = None
-    rounds: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def target(self) -> dict[str, int]:
+        return self.state.target
 
     def current(self) -> dict[str, int]:
-        """Channels each group has now (read off the student's named layers' output widths)."""
-        widths = {}
-        for g in self.groups:
-            layer = self.student.get_submodule(g.name)
-            if isinstance(layer, ChannelGate):  # a gated conv keeps its static width
-                layer = layer.conv
-            widths[g.name] = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-        return widths
+        return group_widths(self.state.student, self.groups)
 
-    def cut(self, counts: dict[str, int]) -> None:
-        scores = self.dense_scores if self.dense_scores is not None else self.score(self.student, self.followers)
+    def cut(self, counts: dict[str, int], *, final: bool = True) -> None:
+        """Prune the student (and its followers) to `counts`, recalibrate BN; starts a round."""
+        state = self.state
+        scores = self.dense_scores if self.dense_scores is not None else self.score(state.student, state.followers)
         self.dense_scores = None  # valid for the first cut only
-        prune_to_counts(self.student, counts, image_size=self.image_size, scores=scores, followers=self.followers)
-        self.recalibrate(self.student)
-        if self.proxy_accuracy is None:
-            self.proxy_accuracy = self.val_loss_and_accuracy(self.student)[1]
-
-    def snapshot(self) -> tuple[nn.Module, list[nn.Module]]:
-        return copy.deepcopy(self.student), copy.deepcopy(self.followers)
-
-    def restore(self, saved: tuple[nn.Module, list[nn.Module]]) -> None:
-        self.student, self.followers = saved
+        prune_to_counts(state.student, counts, image_size=self.image_size, scores=scores, followers=state.followers)
+        if final:
+            state.snapshots = []  # only scoring reads them, and nothing is scored any more
+        self.recalibrate(state.student)
+        if state.proxy_accuracy is None:
+            state.proxy_accuracy = self.val_loss_and_accuracy(state.student)[1]
+        state.cuts += 1
 
 
 SCHEDULES: Registry[Callable[..., None]] = Registry("pruning schedule")
@@ -81,9 +90,9 @@ def round_counts(dense: dict[str, int], target: dict[str, int], fraction: float)
 
 @SCHEDULES.register("one_shot", description="cut to the target widths once, then fine-tune all epochs")
 def one_shot(session: PruningSession, *, epochs: int, rounds: int, max_drop: float) -> None:
-    session.cut(session.target)
-    val = session.fit(session.student, session.followers, epochs)
-    session.rounds.append({"round": 1, "accuracy": val})
+    if session.state.cuts == 0:
+        session.cut(session.target)
+    session.state.rounds = [{"round": 1, "accuracy": session.fit(epochs)}]
 
 
 def _stop_rule_rounds(session: PruningSession, *, epochs: int, rounds: int, max_drop: float, choose: Callable) -> None:
@@ -93,20 +102,21 @@ def _stop_rule_rounds(session: PruningSession, *, epochs: int, rounds: int, max_
     the previous round is restored and pruning stops short of the target (the MACs then
     reported are those of the model actually kept).
     """
-    dense = session.current()
+    state = session.state
     plan = split_epochs(epochs, rounds)
-    best = -1.0
-    for i, round_epochs in enumerate(plan, start=1):
-        saved = session.snapshot() if i > 1 else None
-        goal = round_counts(dense, session.target, i / len(plan))
-        choose(session, goal, final=i == len(plan))
-        val = session.fit(session.student, session.followers, round_epochs)
-        session.rounds.append({"round": i, "accuracy": val, "channels": float(sum(session.current().values()))})
-        if saved is not None and val < best - max_drop:
-            session.restore(saved)
-            session.rounds[-1]["reverted"] = 1.0
+    for i in range(len(state.rounds) + 1, len(plan) + 1):
+        if state.cuts < i:
+            state.previous = copy.deepcopy(state.student) if i > 1 else None
+            choose(session, round_counts(state.start_widths, session.target, i / len(plan)), final=i == len(plan))
+            state.cuts = i  # a priority round that finds nothing to cut is a round all the same
+        val = session.fit(plan[i - 1])
+        state.rounds.append({"round": i, "accuracy": val, "channels": float(sum(session.current().values()))})
+        if state.previous is not None and val < state.best - max_drop:
+            state.student, state.previous = state.previous, None
+            state.rounds[-1]["reverted"] = 1.0
             return
-        best = max(best, val)
+        state.best = max(state.best, val)
+    state.previous = None
 
 
 @SCHEDULES.register(
@@ -114,7 +124,7 @@ def _stop_rule_rounds(session: PruningSession, *, epochs: int, rounds: int, max_
     description="TASCNet / Zhong: k rounds of prune -> fine-tune, stopping when the selection-split accuracy drops > max_drop below the best; knobs: rounds, max_drop",
 )
 def iterative(session: PruningSession, *, epochs: int, rounds: int, max_drop: float) -> None:
-    _stop_rule_rounds(session, epochs=epochs, rounds=rounds, max_drop=max_drop, choose=lambda s, goal, final: s.cut(goal))
+    _stop_rule_rounds(session, epochs=epochs, rounds=rounds, max_drop=max_drop, choose=lambda s, goal, final: s.cut(goal, final=final))
 
 
 def _priority_cuts(session: PruningSession, goal: dict[str, int], *, final: bool) -> None:
@@ -128,13 +138,13 @@ def _priority_cuts(session: PruningSession, goal: dict[str, int], *, final: bool
         return
     harm = {}
     for name in pending:
-        trial_model, trial_followers = copy.deepcopy((session.student, session.followers))
+        trial_model, trial_followers = copy.deepcopy((session.state.student, session.state.followers))
         scores = session.score(trial_model, trial_followers)
         prune_to_counts(trial_model, {name: goal[name]}, image_size=session.image_size, scores=scores)
         session.recalibrate(trial_model)
         harm[name] = session.decide_loss_and_accuracy(trial_model)[0]
     chosen = sorted(pending, key=harm.__getitem__)[: max(1, (len(pending) + 1) // 2)]
-    session.cut({name: goal[name] for name in chosen})
+    session.cut({name: goal[name] for name in chosen}, final=False)
 
 
 @SCHEDULES.register(

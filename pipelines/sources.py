@@ -5,7 +5,8 @@ outputs*: for each downsampling factor, the last-run module of the shallowest ne
 that stride among BatchNorm layers and blocks containing one (`layer1`..`layer4` for ResNets, the last block of each resolution for MobileNetV2).
 After pruning, the student's map has fewer channels; `kept_channels` says which source channels
 they are, traced through pruning by a follower model whose BatchNorm `running_mean` holds the
-channel indices (pruning slices it exactly like the weights).
+channel indices (pruning slices it exactly like the weights); the classifier's input channels are
+traced the same way, in the first row of its weight (`classifier_inputs`).
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from torch import nn
 
 from pipelines._helpers import probe_forward
 from pipelines.config import ModelConfig
-from pipelines.models import build_model
+from pipelines.models import build_model, head_name
 
-__all__ = ["stage_outputs", "index_tracer", "kept_channels", "FeatureTap", "SourceNet"]
+__all__ = ["stage_outputs", "stage_widths", "index_tracer", "kept_channels", "classifier_inputs", "FeatureTap", "SourceNet"]
 
 _PROBE = 224  # divisible by every stride of an ImageNet CNN
 
@@ -52,13 +53,31 @@ def _last_norm(model: nn.Module, name: str) -> str:
     return norms[-1]
 
 
+def stage_widths(model: nn.Module, layers: list[str]) -> dict[str, int]:
+    """The channels of each stage output `layers` (of an unpruned model: the source's widths)."""
+    return {name: model.get_submodule(_last_norm(model, name)).num_features for name in layers}
+
+
+def _classifier_linear(model: nn.Module) -> nn.Linear:
+    return next(m for m in model.get_submodule(head_name(model)).modules() if isinstance(m, nn.Linear))
+
+
 def index_tracer(model: nn.Module) -> nn.Module:
-    """A copy whose BN running means are channel indices; prune it as a follower of `model`."""
+    """A copy whose BN running means, and the classifier weight's first row, are channel indices;
+    prune it as a follower of `model`. Its other weights are `model`'s (e.g. L2-SP's anchors)."""
     tracer = copy.deepcopy(model)
     for module in tracer.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean = torch.arange(module.num_features, dtype=torch.float32)
+    with torch.no_grad():
+        linear = _classifier_linear(tracer)
+        linear.weight[0] = torch.arange(linear.in_features, dtype=linear.weight.dtype)
     return tracer
+
+
+def classifier_inputs(tracer: nn.Module) -> torch.Tensor:
+    """Original indices of the classifier input channels that the traced model still has."""
+    return _classifier_linear(tracer).weight[0].detach().round().long()
 
 
 def kept_channels(tracer: nn.Module, layer: str) -> torch.Tensor:
