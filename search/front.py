@@ -7,9 +7,10 @@ from search._helpers import UsageError, format_count
 from search.pareto import Point, hypervolume, pareto_front
 from search.tracking import ANCHOR_TAG, STOPPED_TAG, RunRecord, Tracker
 
-__all__ = ["SearchFront", "front_of", "load_front", "choose_under_budget", "front_hypervolume"]
+__all__ = ["SearchFront", "front_of", "load_front", "select_front", "choose_under_budget", "front_hypervolume", "METRIC_PARAM"]
 
 _REQUIRED = ("val_accuracy", "test_accuracy", "macs", "params")
+METRIC_PARAM = "metric"  # the search run's param holding `search.metric`; absent (accuracy) in older searches
 
 
 @dataclass(frozen=True)
@@ -21,36 +22,47 @@ class SearchFront:
     front: list[RunRecord]  # non-dominated finished trials, by MACs ascending
     teacher: RunRecord | None
     anchors: list[RunRecord]  # the finished uniform-allocation anchor trials
-    hypervolume: float | None  # of the front (test accuracy; see front_hypervolume); None without a teacher
+    hypervolume: float | None  # of the front (test accuracy, or test balanced accuracy; see front_hypervolume); None without a teacher
     anchors_hypervolume: float | None  # of the anchors' own front; None without anchors
+    metric: str = "accuracy"  # the search's `search.metric`: the front is non-dominated on val_<metric> and MACs
 
 
 def _points(runs: list[RunRecord], metric: str) -> list[Point]:
-    return [Point(key=r.run_id, accuracy=r.metrics.get(metric, 0.0), macs=r.metrics.get("macs", 0.0), finished=_is_finished(r)) for r in runs]
+    """Points on `val_<metric>` and MACs."""
+    key = f"val_{metric}"
+    return [Point(key=r.run_id, accuracy=r.metrics.get(key, 0.0), macs=r.metrics.get("macs", 0.0), finished=_is_finished(r, metric)) for r in runs]
 
 
-def front_hypervolume(runs: list[RunRecord], *, teacher_macs: float, chance: float) -> float:
-    """Hypervolume of the front selected on val accuracy, measured with its test accuracy (which the
-    search never sees), in the box MACs / teacher MACs in [0, 1] x accuracy in [chance, 1]."""
-    test = {r.run_id: r.metrics["test_accuracy"] for r in runs}
-    front = [replace(p, accuracy=test[p.key]) for p in pareto_front(_points(runs, "val_accuracy"))]
+def select_front(runs: list[RunRecord], metric: str = "accuracy") -> list[RunRecord]:
+    """The finished runs non-dominated on (val_<metric> max, MACs min), by MACs ascending."""
+    by_id = {r.run_id: r for r in runs}
+    return [by_id[p.key] for p in pareto_front(_points(runs, metric))]
+
+
+def front_hypervolume(runs: list[RunRecord], *, teacher_macs: float, chance: float, metric: str = "accuracy") -> float:
+    """Hypervolume of the front selected on val_<metric>, measured with its test_<metric> (which the
+    search never sees), in the box MACs / teacher MACs in [0, 1] x accuracy in [chance, 1] (chance
+    is 1 / classes for balanced accuracy too)."""
+    test = {r.run_id: r.metrics.get(f"test_{metric}", 0.0) for r in runs}
+    front = [replace(p, accuracy=test[p.key]) for p in pareto_front(_points(runs, metric))]
     return hypervolume(front, reference_macs=teacher_macs, floor=chance)
 
 
-def _is_finished(run: RunRecord) -> bool:
-    return run.status == "FINISHED" and all(k in run.metrics for k in _REQUIRED)
+def _is_finished(run: RunRecord, metric: str = "accuracy") -> bool:
+    required = _REQUIRED + (f"val_{metric}", f"test_{metric}")
+    return run.status == "FINISHED" and all(k in run.metrics for k in required)
 
 
 def front_of(tracker: Tracker, search: RunRecord) -> SearchFront:
+    metric = search.params.get(METRIC_PARAM, "accuracy")
     trials = tracker.children(search.run_id, role="trial")
-    by_id = {r.run_id: r for r in trials}
     teachers = tracker.children(search.run_id, role="teacher")
     teacher = teachers[0] if teachers and "macs" in teachers[0].metrics else None
-    finished = [r for r in trials if _is_finished(r)]
+    finished = [r for r in trials if _is_finished(r, metric)]
     anchors = [r for r in finished if r.tags.get(ANCHOR_TAG) == "true"]
     volume = anchors_volume = None
     if teacher is not None and "num_classes" in search.params:
-        scale = {"teacher_macs": teacher.metrics["macs"], "chance": 1 / int(search.params["num_classes"])}
+        scale = {"teacher_macs": teacher.metrics["macs"], "chance": 1 / int(search.params["num_classes"]), "metric": metric}
         volume = front_hypervolume(finished, **scale)
         anchors_volume = front_hypervolume(anchors, **scale) if anchors else None
     return SearchFront(
@@ -58,11 +70,12 @@ def front_of(tracker: Tracker, search: RunRecord) -> SearchFront:
         trials=trials,
         finished=finished,
         stopped=[r for r in trials if r.status == "KILLED" and STOPPED_TAG in r.tags],
-        front=[by_id[p.key] for p in pareto_front(_points(trials, "val_accuracy"))],
+        front=select_front(trials, metric),
         teacher=teacher,
         anchors=anchors,
         hypervolume=volume,
         anchors_hypervolume=anchors_volume,
+        metric=metric,
     )
 
 
@@ -90,11 +103,11 @@ def load_front(tracker: Tracker, experiment: str, *, search_id: str | None = Non
     return front_of(tracker, search)
 
 
-def choose_under_budget(front: list[RunRecord], max_macs: float) -> RunRecord:
-    """The most accurate (val) front member with MACs <= max_macs; fewer MACs break ties."""
+def choose_under_budget(front: list[RunRecord], max_macs: float, *, metric: str = "accuracy") -> RunRecord:
+    """The front member with the best val_<metric> among those with MACs <= max_macs; fewer MACs break ties."""
     fitting = [r for r in front if r.metrics["macs"] <= max_macs]
     if not fitting:
         smallest = min((r.metrics["macs"] for r in front), default=None)
         hint = f"the smallest model on the front has {format_count(smallest)} MACs" if smallest else "the front is empty"
         raise UsageError(f"--max-macs: no Pareto model has at most {format_count(max_macs)} MACs; {hint}")
-    return max(fitting, key=lambda r: (r.metrics["val_accuracy"], -r.metrics["macs"]))
+    return max(fitting, key=lambda r: (r.metrics[f"val_{metric}"], -r.metrics["macs"]))

@@ -12,7 +12,9 @@ from pathlib import Path
 from search._helpers import format_count
 from search.tracking import INTERRUPTED_TAG, STOPPED_TAG, RunRecord
 
-__all__ = ["FrontRow", "front_rows", "front_table", "front_csv", "front_json", "plot_front", "RUN_COLUMNS", "run_rows", "runs_table"]
+__all__ = ["FrontRow", "front_rows", "front_table", "front_csv", "front_json", "plot_front", "RUN_COLUMNS", "run_columns", "run_rows", "runs_table"]
+
+_LABELS = {"accuracy": "acc", "balanced_accuracy": "bal acc"}  # column labels of `search.metric`'s values
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,8 @@ class FrontRow:
     run_id: str
     val_accuracy: float
     test_accuracy: float
+    val_balanced_accuracy: float  # NaN in searches made before it was logged
+    test_balanced_accuracy: float
     macs: float
     macs_ratio: float
     params: float
@@ -39,6 +43,8 @@ def front_rows(runs: Sequence[RunRecord]) -> list[FrontRow]:
                 run_id=run.run_id,
                 val_accuracy=m["val_accuracy"],
                 test_accuracy=m["test_accuracy"],
+                val_balanced_accuracy=m.get("val_balanced_accuracy", math.nan),
+                test_balanced_accuracy=m.get("test_balanced_accuracy", math.nan),
                 macs=m["macs"],
                 macs_ratio=m.get("macs_ratio", 1.0),
                 params=m["params"],
@@ -50,13 +56,21 @@ def front_rows(runs: Sequence[RunRecord]) -> list[FrontRow]:
     return sorted(rows, key=lambda r: r.macs)
 
 
-def front_table(rows: Sequence[FrontRow]) -> str:
-    header = ("trial", "val acc", "test acc", "MACs", "x teacher", "params", "keep min/mean/max")
+def _accuracy_columns(metric: str) -> list[str]:
+    """The FrontRow fields shown: the objective's val and test values first, then plain accuracy's."""
+    shown = [metric, "accuracy"] if metric != "accuracy" else ["accuracy"]
+    return [f"{split}_{name}" for name in shown for split in ("val", "test")]
+
+
+def front_table(rows: Sequence[FrontRow], *, metric: str = "accuracy") -> str:
+    """The front; with `metric` balanced_accuracy its val/test columns come first, then accuracy's."""
+    columns = _accuracy_columns(metric)
+    labels = [f"{c.split('_', 1)[0]} {_LABELS[c.split('_', 1)[1]]}" for c in columns]
+    header = ("trial", *labels, "MACs", "x teacher", "params", "keep min/mean/max")
     lines = [
         (
             r.trial,
-            f"{r.val_accuracy:.3f}",
-            f"{r.test_accuracy:.3f}",
+            *(f"{getattr(r, c):.3f}" for c in columns),
             format_count(r.macs),
             f"{r.macs_ratio:.3f}",
             format_count(r.params),
@@ -90,18 +104,20 @@ def plot_front(
     anchors: Sequence[RunRecord] = (),
     title: str,
     path: Path,
+    metric: str = "accuracy",
 ) -> Path:
-    """Val accuracy vs MACs: every finished trial, the uniform anchors, the front as a staircase,
-    the dense teacher as a star."""
+    """Val `metric` (accuracy or balanced accuracy) vs MACs: every finished trial, the uniform
+    anchors, the front as a staircase, the dense teacher as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    key = f"val_{metric}"
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     ax.scatter(
         [t.metrics["macs"] / 1e6 for t in trials],
-        [t.metrics["val_accuracy"] for t in trials],
+        [t.metrics[key] for t in trials],
         s=18,
         color="0.65",
         label="trials",
@@ -109,18 +125,19 @@ def plot_front(
     if anchors:
         ax.scatter(
             [t.metrics["macs"] / 1e6 for t in anchors],
-            [t.metrics["val_accuracy"] for t in anchors],
+            [t.metrics[key] for t in anchors],
             s=36,
             marker="s",
             facecolors="none",
             edgecolors="C2",
             label="uniform anchors",
         )
-    ax.step([r.macs / 1e6 for r in front], [r.val_accuracy for r in front], where="post", color="C0", marker="o", label="Pareto front")
-    ax.scatter([teacher["macs"] / 1e6], [teacher["val_accuracy"]], marker="*", s=140, color="C3", label="dense teacher")
+    ax.step([r.macs / 1e6 for r in front], [getattr(r, key) for r in front], where="post", color="C0", marker="o", label="Pareto front")
+    if key in teacher:
+        ax.scatter([teacher["macs"] / 1e6], [teacher[key]], marker="*", s=140, color="C3", label="dense teacher")
     ax.set_xscale("log")  # fronts span two decades of MACs; the low end is where they differ
     ax.set_xlabel("MACs per image (millions, log scale)")
-    ax.set_ylabel("val accuracy (top-1)")
+    ax.set_ylabel("val balanced accuracy (mean per-class recall)" if metric == "balanced_accuracy" else "val accuracy (top-1)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -130,7 +147,8 @@ def plot_front(
     return path
 
 
-RUN_COLUMNS = ("trial", "status", "from", "target", "val", "test", "proxy", "macs", "x_teacher", "params", "front")
+# Every column `runs` can sort by; val_bal / test_bal (balanced accuracy) are shown when it is the objective.
+RUN_COLUMNS = ("trial", "status", "from", "target", "val", "test", "val_bal", "test_bal", "proxy", "macs", "x_teacher", "params", "front")
 _STATUS = {"FINISHED": "finished", "KILLED": "stopped", "FAILED": "failed", "RUNNING": "running"}
 
 
@@ -151,6 +169,8 @@ def run_rows(trials: Sequence[RunRecord], *, front: Sequence[RunRecord]) -> list
                 "target": float(run.params["target_macs"]) if "target_macs" in run.params else None,
                 "val": m.get("val_accuracy"),
                 "test": m.get("test_accuracy"),
+                "val_bal": m.get("val_balanced_accuracy"),
+                "test_bal": m.get("test_balanced_accuracy"),
                 "proxy": m.get("proxy_accuracy"),
                 "macs": m.get("macs"),
                 "x_teacher": m.get("macs_ratio"),
@@ -165,7 +185,13 @@ def run_rows(trials: Sequence[RunRecord], *, front: Sequence[RunRecord]) -> list
     return rows
 
 
-def runs_table(rows: Sequence[dict]) -> str:
+def run_columns(metric: str = "accuracy") -> tuple[str, ...]:
+    """The columns `runs` shows: the balanced-accuracy ones only when `metric` is balanced_accuracy."""
+    hidden = () if metric == "balanced_accuracy" else ("val_bal", "test_bal")
+    return tuple(c for c in RUN_COLUMNS if c not in hidden)
+
+
+def runs_table(rows: Sequence[dict], *, columns: Sequence[str] = run_columns()) -> str:
     def cell(column: str, value: object) -> str:
         if value is None:
             return "-"
@@ -177,8 +203,8 @@ def runs_table(rows: Sequence[dict]) -> str:
             return f"{value:.3f}"
         return str(value)
 
-    lines = [[column.replace("_", " ") for column in RUN_COLUMNS]]
-    lines += [[cell(column, row[column]) for column in RUN_COLUMNS] for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(RUN_COLUMNS))]
+    lines = [[column.replace("_", " ") for column in columns]]
+    lines += [[cell(column, row[column]) for column in columns] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*lines[0]), fmt.format(*("-" * w for w in widths)), *(fmt.format(*line) for line in lines[1:])])

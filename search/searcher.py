@@ -8,8 +8,9 @@ This one:
   largest target first;
 - never hands out a configuration twice (NSGA-II's crossover of equal parents proposes repeats): a
   repeat is told FAIL and the study is asked again, at most `retries` times in a row;
-- tells COMPLETE only for a trial whose final report arrived (`final` in the result), PRUNED with
-  the rung's values as user attrs for one the scheduler stopped, FAIL for one that raised;
+- tells COMPLETE only for a trial whose final report arrived (`final` in the result), with its
+  values of the objectives (`objective`, the search's val metric, and MACs), PRUNED with the rung's
+  values as user attrs for one the scheduler stopped, FAIL for one that raised;
 - marks the anchors (`anchor: true` in their config);
 - picks the model a trial starts from (`warm_start: front`): the finished front member with the
   fewest MACs above the trial's target, passed as `start_from` (its Ray trial id) and
@@ -36,23 +37,26 @@ from ray.tune.search import Searcher
 
 from search.pareto import Point, pareto_front
 
-__all__ = ["StudySearcher", "FinishedTrial", "choose_parent", "close_running", "OBJECTIVES"]
+__all__ = ["StudySearcher", "FinishedTrial", "choose_parent", "close_running", "objectives"]
 
-# The study's objectives, in the order Optuna stores them.
-OBJECTIVES = {"val_accuracy": "maximize", "macs": "minimize"}
+
+def objectives(objective: str = "val_accuracy") -> dict[str, str]:
+    """The study's objectives, in the order Optuna stores them: `objective` (the search's val metric,
+    `search.objective`) up, MACs down."""
+    return {objective: "maximize", "macs": "minimize"}
 
 
 @dataclass(frozen=True)
 class FinishedTrial:
     trial_id: str
-    val_accuracy: float
+    objective: float  # its value of the search's val metric
     macs_ratio: float
     run_id: str = ""  # its MLflow run, which holds its exported model
 
 
 def choose_parent(finished: list[FinishedTrial], target: float) -> FinishedTrial | None:
-    """The front member (val accuracy vs MACs) with the fewest MACs above `target`, if any."""
-    points = [Point(key=t.trial_id, accuracy=t.val_accuracy, macs=t.macs_ratio) for t in finished]
+    """The front member (the val objective vs MACs) with the fewest MACs above `target`, if any."""
+    points = [Point(key=t.trial_id, accuracy=t.objective, macs=t.macs_ratio) for t in finished]
     above = [p for p in pareto_front(points) if p.macs > target]
     if not above:
         return None
@@ -61,6 +65,8 @@ def choose_parent(finished: list[FinishedTrial], target: float) -> FinishedTrial
 
 
 class StudySearcher(Searcher):
+    objective = "val_accuracy"  # what a searcher pickled before `search.metric` existed optimises
+
     def __init__(
         self,
         study: optuna.Study,
@@ -72,9 +78,11 @@ class StudySearcher(Searcher):
         epoch_budget: int | None = None,
         can_warm_start: Callable[[dict[str, Any]], bool] | None = None,
         retries: int = 10,
+        objective: str = "val_accuracy",
     ) -> None:
         super().__init__()
         self.study = study
+        self.objective = objective  # the result key the study maximises (its first direction)
         self.space = space
         self.trial_epochs = trial_epochs
         self.epoch_budget = epoch_budget
@@ -145,13 +153,14 @@ class StudySearcher(Searcher):
         if error or result.get("failed"):  # Tune's error: a process that died every retry; `failed`: the trial raised
             self._tell(trial, attrs, state=TrialState.FAIL)
         elif result.get("final"):
-            self._tell(trial, attrs, values=[float(result[name]) for name in OBJECTIVES])
+            self._tell(trial, attrs, values=[float(result[name]) for name in objectives(self.objective)])
             if self.can_warm_start is not None and self.can_warm_start(dict(trial.params)):
                 self.finished.append(
-                    FinishedTrial(trial_id, float(result["val_accuracy"]), float(result["macs_ratio"]), run_id=str(result.get("mlflow_run_id", "")))
+                    FinishedTrial(trial_id, float(result[self.objective]), float(result["macs_ratio"]), run_id=str(result.get("mlflow_run_id", "")))
                 )
         else:  # stopped by the scheduler: its rung values are partial, never a result
-            stopped = {f"stopped_{name}": float(result[name]) for name in ("epoch", "val_accuracy", "macs") if name in result}
+            names = dict.fromkeys(("epoch", "val_accuracy", self.objective, "macs"))
+            stopped = {f"stopped_{name}": float(result[name]) for name in names if name in result}
             self._tell(trial, {**attrs, **stopped}, state=TrialState.PRUNED)
 
     def _tell(self, trial: optuna.trial.Trial, attrs: dict[str, Any], *, values: list[float] | None = None, state: TrialState | None = None) -> None:
@@ -188,7 +197,8 @@ class StudySearcher(Searcher):
         self._epochs = {trial_id: int(epochs) for trial_id, epochs in state["epochs"].items()}
         self._running = set(state["running"])
         self._handed_out = set(state["handed_out"])
-        self.finished = [FinishedTrial(**t) for t in state["finished"]]
+        renamed = {"val_accuracy": "objective"}  # a state saved before `search.metric` existed
+        self.finished = [FinishedTrial(**{renamed.get(k, k): v for k, v in t.items()}) for t in state["finished"]]
         self.repeats_skipped = int(state["repeats_skipped"])
         known = set(state["trials"].values())
         for frozen in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -198,17 +208,17 @@ class StudySearcher(Searcher):
                 self.study.tell(trial, state=TrialState.FAIL)
 
 
-def close_running(study: optuna.Study, *, finished: dict[str, dict[str, float]]) -> list[str]:
+def close_running(study: optuna.Study, *, finished: dict[str, dict[str, float]], objective: str = "val_accuracy") -> list[str]:
     """End the study's trials still RUNNING after the trials stopped (a signal, or a resume that
     ended): one whose MLflow run finished before Tune dropped its last report (`finished`: Ray
-    trial id -> the run's metrics) is COMPLETE; the others are FAIL with the user attribute
-    `interrupted`. Returns the Ray ids of those interrupted."""
+    trial id -> the run's metrics) is COMPLETE, with its `objective` and MACs; the others are FAIL
+    with the user attribute `interrupted`. Returns the Ray ids of those interrupted."""
     interrupted = []
     for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         trial_id = frozen.user_attrs.get("ray_trial_id")
         trial = _live_trial(study, frozen.number)
         if trial_id in finished:
-            study.tell(trial, [float(finished[trial_id][name]) for name in OBJECTIVES])
+            study.tell(trial, [float(finished[trial_id][name]) for name in objectives(objective)])
             continue
         trial.set_user_attr("interrupted", True)
         study.tell(trial, state=TrialState.FAIL)

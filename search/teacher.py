@@ -10,12 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from search._helpers import format_count
+from search._helpers import format_accuracies, format_count
 from search.layout import Layout
 from search.space import Experiment, to_dict
 from search.tracking import Tracker
 
-__all__ = ["ensure_teacher"]
+__all__ = ["ensure_teacher", "IMBALANCE_HINT"]
+
+IMBALANCE_HINT = 0.05  # val accuracy this far above val balanced accuracy suggests `search.metric: balanced_accuracy`
 
 Log = Callable[[str], None]
 
@@ -66,15 +68,18 @@ def _show_epochs(tracker: Tracker, run_id: str, *, shown: int, of: int, log: Log
 
 
 def ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker: Tracker, parent_id: str, log: Log) -> Path:
-    """Train the dense teacher (a Ray task) unless this exact teacher already exists; log it as the `teacher` run."""
+    """Train the dense teacher (a Ray task) unless this exact teacher already exists; log it as the
+    `teacher` run, with its per-class table and confusion matrices as artifacts."""
     import ray
 
     from pipelines.export import SPEC_FILE
+    from pipelines.metrics import CLASS_REPORT_FILE, PER_CLASS_FILE
     from pipelines.trial import TEACHER_LOGITS_FILE
     from search.cluster import unpack
 
     directory = layout.teacher_dir(experiment)
-    ready = (directory / SPEC_FILE).exists() and (directory / TEACHER_LOGITS_FILE).exists()
+    # A teacher exported before the per-class report (and balanced accuracy) existed is trained again.
+    ready = all((directory / name).exists() for name in (SPEC_FILE, TEACHER_LOGITS_FILE, CLASS_REPORT_FILE))
     if ready and any(r.status == "FINISHED" for r in tracker.children(parent_id, role="teacher")):  # a resumed search
         log(f"teacher: reusing {directory}, logged in this search already")
         return directory
@@ -104,6 +109,8 @@ def ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker:
                 raise error.cause from None  # the task's own error (e.g. weights unavailable offline), not Ray's wrapper
             unpack(files, directory)
         tracker.log_metrics(run_id, {**metrics, "macs_ratio": 1.0}, step=experiment.teacher.epochs)
+        for name in (CLASS_REPORT_FILE, PER_CLASS_FILE):
+            tracker.log_artifact(run_id, directory / name)
         tracker.end_run(run_id)
     except KeyboardInterrupt:
         tracker.end_run(run_id, "KILLED")
@@ -111,8 +118,12 @@ def ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker:
     except BaseException as error:
         tracker.fail_run(run_id, error)
         raise
-    log(
-        f"teacher: val acc {metrics['val_accuracy']:.3f}, test acc {metrics['test_accuracy']:.3f},"
-        f" {format_count(metrics['macs'])} MACs, {format_count(metrics['params'])} params"
-    )
+    metric = experiment.search.metric
+    log(f"teacher: {format_accuracies(metrics, metric)}, {format_count(metrics['macs'])} MACs, {format_count(metrics['params'])} params")
+    gap = metrics["val_accuracy"] - metrics.get("val_balanced_accuracy", metrics["val_accuracy"])
+    if metric == "accuracy" and gap >= IMBALANCE_HINT:
+        log(
+            f"teacher: val balanced accuracy {metrics['val_balanced_accuracy']:.3f} is {gap:.2f} below val accuracy: some classes are"
+            " recognised far worse than others; `search.metric: balanced_accuracy` makes the search select on it"
+        )
     return directory

@@ -4,6 +4,7 @@ Tiny on purpose (20 images per class, 32 px, one epoch): this checks the plumbin
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,6 +66,9 @@ def test_parent_teacher_and_trial_runs_are_logged(searched: dict) -> None:
     assert search.metrics["finished_trials"] == 3
     (teacher,) = tracker.children(search.run_id, role="teacher")
     assert teacher.name == "teacher" and teacher.status == "FINISHED"
+    assert 0 < teacher.metrics["val_balanced_accuracy"] <= 1 and 0 < teacher.metrics["test_balanced_accuracy"] <= 1
+    assert {a.path for a in tracker.client.list_artifacts(teacher.run_id)} == {"class_report.json", "per_class.csv"}
+    assert search.params["metric"] == "accuracy"
     trials = tracker.children(search.run_id, role="trial")
     assert len(trials) == 3
     for run in trials:
@@ -73,7 +77,7 @@ def test_parent_teacher_and_trial_runs_are_logged(searched: dict) -> None:
         assert keep == {f"keep.stride_{s}" for s in (2, 4, 8, 16, 32)}  # one knob per stage of mobilenet_v2
         # Knobs under their space names, plus what the trial started from.
         assert {"lr", "kd_alpha", "kd_temperature", "criterion", "schedule", "parametrisation", "start_from"} <= run.params.keys()
-        for metric in ("val_accuracy", "test_accuracy", "proxy_accuracy", "macs", "params", "loss_ce", "loss_kd", "loss_total", "keep_mean"):
+        for metric in ("val_accuracy", "test_accuracy", "val_balanced_accuracy", "test_balanced_accuracy", "proxy_accuracy", "macs", "params", "loss_ce", "loss_kd", "loss_total", "keep_mean"):
             assert metric in run.metrics, metric
         assert 0 < run.metrics["macs"] <= teacher.metrics["macs"]
         for metric in ("val_accuracy", "macs"):  # MACs from the first epoch on, for the scheduler
@@ -103,7 +107,9 @@ def test_fetch_returns_the_logged_model(searched: dict) -> None:
     tracker: Tracker = searched["tracker"]
     result = _slimtune("fetch", "tiny", "--max-macs", "1G", "-o", "best", cwd=work)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (work / "best").iterdir()) == ["channel_spec.json", "config.yaml", "model.onnx", "model.safetensors"]
+    assert sorted(p.name for p in (work / "best").iterdir()) == [
+        "channel_spec.json", "class_report.json", "config.yaml", "model.onnx", "model.safetensors", "per_class.csv"
+    ]  # fmt: skip
     model, spec = load_model(work / "best")
     config = yaml.safe_load((work / "best" / "config.yaml").read_text())
     splits = load_data(DataConfig(**config["data"]))
@@ -225,6 +231,7 @@ def test_an_unreadable_file_is_skipped_named_and_listed_on_the_search_run(search
     listed = tracker.download(searched["search_id"], "skipped_files.txt", searched["work"] / "skipped").read_text()
     assert listed.startswith("mixed/broken.png (")
     assert "data: 11 classes" in searched["stdout"]  # .ipynb_checkpoints is no class
+    assert re.search(r"^data: warning: class '\w+' has \d val images \(< 30\)", searched["stdout"], re.M)  # ~3 val images per class
 
 
 def test_an_architecture_the_preflight_refuses_is_a_one_line_error_before_anything_trains(searched: dict) -> None:

@@ -18,7 +18,7 @@ from search.tracking import Tracker
 
 
 class StopSecondArrival(FIFOScheduler):
-    def __init__(self, *, rungs: list[int], eta: float) -> None:
+    def __init__(self, *, rungs: list[int], eta: float, metric: str = "val_accuracy") -> None:
         super().__init__()
         self.rungs, self.arrived = rungs, []
 

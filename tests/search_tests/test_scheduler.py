@@ -41,3 +41,13 @@ def test_scheduler_stops_only_the_worse_trial_at_a_rung_and_ignores_other_epochs
     assert scheduler.on_trial_result(None, good, _result(1, 0.1, final=True)) == TrialScheduler.CONTINUE
     assert scheduler.on_trial_result(None, good, _result(2, 0.9)) == TrialScheduler.CONTINUE
     assert set(scheduler.recorded[1]) == {"good", "bad", "small"} and set(scheduler.recorded[2]) == {"good"}
+
+
+def test_scheduler_ranks_on_the_metric_it_is_given() -> None:
+    scheduler = ParetoHalving(rungs=[1], eta=2, metric="val_balanced_accuracy")
+    first, second = SimpleNamespace(trial_id="first"), SimpleNamespace(trial_id="second")
+    # "second" is more accurate, but less balanced: on balanced accuracy it is the one stopped
+    assert scheduler.on_trial_result(None, first, _result(1, 0.6, val_balanced_accuracy=0.6)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, second, _result(1, 0.9, val_balanced_accuracy=0.5)) == TrialScheduler.STOP
+    with pytest.raises(KeyError, match="val_balanced_accuracy"):
+        scheduler.on_trial_result(None, SimpleNamespace(trial_id="third"), _result(1, 0.7))

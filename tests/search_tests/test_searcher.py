@@ -82,6 +82,16 @@ def test_optuna_state_follows_how_the_trial_ended(result: dict | None, error: bo
         assert trial.values == [0.5, 1.0]
 
 
+def test_the_study_and_the_warm_start_front_use_the_objective_they_are_given() -> None:
+    search = searcher(objective="val_balanced_accuracy", can_warm_start=lambda config: True)
+    search.suggest("t0")
+    search.on_trial_complete("t0", result={**final(acc=0.9), "val_balanced_accuracy": 0.6})
+    assert search.study.trials[0].values == [0.6, 1.0] and search.finished[0].objective == 0.6
+    search.suggest("t1")
+    interrupted = close_running(search.study, finished={"t1": {"val_accuracy": 0.9, "val_balanced_accuracy": 0.4, "macs": 2.0}}, objective="val_balanced_accuracy")
+    assert interrupted == [] and search.study.trials[-1].values == [0.4, 2.0]
+
+
 def by_ray_id(search: StudySearcher) -> dict[str, optuna.trial.FrozenTrial]:
     """The newest study trial of each Ray trial id (a resumed one may have a COMPLETE copy)."""
     return {t.user_attrs["ray_trial_id"]: t for t in search.study.trials if "ray_trial_id" in t.user_attrs}
@@ -162,10 +172,10 @@ def test_epoch_budget_counts_epochs_owed_to_running_trials() -> None:
 )
 def test_choose_parent_takes_the_front_member_with_fewest_macs_above_the_target(target: float, expected: str | None) -> None:
     finished = [
-        FinishedTrial("big", val_accuracy=0.95, macs_ratio=0.5),
-        FinishedTrial("mid", val_accuracy=0.90, macs_ratio=0.2),
-        FinishedTrial("dominated", val_accuracy=0.80, macs_ratio=0.25),  # worse and larger than "mid"
-        FinishedTrial("small", val_accuracy=0.85, macs_ratio=0.1),
+        FinishedTrial("big", objective=0.95, macs_ratio=0.5),
+        FinishedTrial("mid", objective=0.90, macs_ratio=0.2),
+        FinishedTrial("dominated", objective=0.80, macs_ratio=0.25),  # worse and larger than "mid"
+        FinishedTrial("small", objective=0.85, macs_ratio=0.1),
     ]
     chosen = choose_parent(finished, target)
     assert (chosen.trial_id if chosen else None) == expected
