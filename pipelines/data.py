@@ -21,7 +21,7 @@ from pipelines.config import DataConfig
 
 __all__ = [
     "DataError", "ANIMAL_MNIST_CLASSES", "Splits", "prepare_animal_mnist", "load_data", "list_images", "decode_image_file",
-    "batches", "normalize", "folder_fingerprint", "BACKGROUND",
+    "batches", "num_batches", "normalize", "folder_fingerprint", "BACKGROUND",
 ]
 
 # Class order as the animal-mnist package documents its labels 0..9.
@@ -212,16 +212,31 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _batch_bounds(images: int, batch_size: int) -> list[int]:
+    bounds = [*range(0, images, batch_size), images]
+    if batch_size > 1 and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return bounds
+
+
+def num_batches(images: int, *, batch_size: int) -> int:
+    """How many batches `batches` yields for a split of `images` images."""
+    return len(_batch_bounds(images, batch_size)) - 1
+
+
 def batches(
     split: Split, *, batch_size: int, shuffle: bool = False, seed: int = 0, flip: bool = False
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (images, labels, indices into the split), all on the split's device; `flip` mirrors a
-    random half of each batch. The order comes from a CPU generator: the same on every device."""
+    random half of each batch. The order comes from a CPU generator: the same on every device.
+    A last batch of one image joins the one before (`num_batches`): train-mode BatchNorm cannot
+    normalise a single image's 1 x 1 feature maps, which small inputs reach."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
     device = split.images.device
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size].to(device)
+    bounds = _batch_bounds(len(order), batch_size)
+    for start, stop in zip(bounds, bounds[1:]):
+        index = order[start:stop].to(device)
         images = split.images[index]
         if flip:
             mirrored = (torch.rand(len(index), generator=generator) < 0.5).to(device)

@@ -23,12 +23,21 @@ from torch import nn
 from pipelines.gating import ChannelGate, add_gates, gate_spec, named_gates
 from pipelines.models import recorded_kwargs, unweighted_kwargs
 
-__all__ = ["channel_spec", "save_model", "load_model", "export_onnx", "MODEL_FILE", "SPEC_FILE", "ONNX_FILE"]
+__all__ = ["channel_spec", "save_model", "load_model", "export_onnx", "ModelFolderError", "MODEL_FILE", "SPEC_FILE", "ONNX_FILE", "DATA_SUFFIXES"]
 
 MODEL_FILE = "model.safetensors"
 SPEC_FILE = "channel_spec.json"
 ONNX_FILE = "model.onnx"
 SPEC_VERSION = 1
+# What a model folder may hold besides hidden files and sub-folders: formats that are data, never
+# code (the weights, the spec, the config, per-class reports, ONNX, notes). Anything else (a pickle
+# such as model.pt, weights.pkl or pytorch_model.bin) makes `load_model` refuse the folder.
+DATA_SUFFIXES = (".safetensors", ".json", ".yaml", ".yml", ".csv", ".onnx", ".txt", ".md")
+
+
+class ModelFolderError(ValueError):
+    """A model folder `load_model` refuses: a file that is not one of its data formats, or its own
+    files missing or unreadable. The message names the file."""
 
 
 def _widths(module: nn.Module) -> dict[str, int | str] | None:
@@ -109,10 +118,33 @@ def _resize_loose_parameters(model: nn.Module, saved: dict[str, torch.Tensor]) -
             setattr(model.get_submodule(owner) if owner else model, leaf, nn.Parameter(torch.empty(saved[name].shape)))
 
 
+def _check_folder(directory: Path) -> None:
+    """Refuse a folder holding a file no slimtune model has: nothing here would load it, but a
+    pickle beside the weights (model.pt, *.pkl) runs code in whoever loads it with torch.load."""
+    if not directory.is_dir():
+        raise ModelFolderError(f"{directory}: not a folder; a model folder holds {MODEL_FILE} and {SPEC_FILE}")
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() not in DATA_SUFFIXES:
+            raise ModelFolderError(
+                f"{path}: refusing to load a model folder that holds this file; slimtune models are"
+                f" {', '.join(DATA_SUFFIXES)} files only (never pickles, which run code when loaded): remove it"
+            )
+    for name in (SPEC_FILE, MODEL_FILE):
+        if not (directory / name).is_file():
+            raise ModelFolderError(f"{directory / name}: missing; a model folder holds {MODEL_FILE} and {SPEC_FILE}")
+
+
 def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the compact model saved in `directory`; returns (model in eval mode, spec)."""
+    """Rebuild the compact model saved in `directory`; returns (model in eval mode, spec).
+
+    Raises ModelFolderError, naming the file, for a folder with a file of another format than
+    `DATA_SUFFIXES` (a pickle) or an unreadable spec or weights file."""
     directory = Path(directory)
-    spec = json.loads((directory / SPEC_FILE).read_text())
+    _check_folder(directory)
+    try:
+        spec = json.loads((directory / SPEC_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ModelFolderError(f"{directory / SPEC_FILE}: not a channel spec (invalid JSON: {error})") from None
     layers = spec["layers"]
     head = next(name for name in reversed(layers) if layers[name]["type"] == "Linear")
     model = torchvision.models.get_model(
@@ -128,7 +160,10 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         for name, gate in named_gates(model).items():
             if gate.bn_name != gates[name]["bn"]:
                 raise ValueError(f"{directory}: gate {name} found BN {gate.bn_name}, the spec says {gates[name]['bn']}")
-    saved = load_file(directory / MODEL_FILE)
+    try:
+        saved = load_file(directory / MODEL_FILE)
+    except Exception as error:  # safetensors' own error type; a pickle renamed .safetensors lands here
+        raise ModelFolderError(f"{directory / MODEL_FILE}: not a safetensors file ({type(error).__name__}: {error})") from None
     _resize_loose_parameters(model, saved)
     model.load_state_dict(saved)
     return model.eval(), spec

@@ -42,16 +42,19 @@ def train_one_epoch(
     seed: int,
     flip: bool = False,
     amp: bool = False,
+    epoch: int = 1,
 ) -> dict[str, float]:
     """One pass over `split` (on the model's device); returns the mean of every loss part.
 
     `amp`: bf16 autocast on CUDA. Loss parts stay on the device and are read once per epoch; the
     loss is checked for NaN/inf before every step on the CPU, every 32 steps on a GPU (a check is a
-    host synchronisation), and FloatingPointError is raised.
+    host synchronisation), and a FloatingPointError naming the epoch and the step is raised (a
+    trial records it as its error). `epoch`: this epoch's number, for that message.
     """
     model.train()
     device = device_of(model)
     check_every = 1 if device.type == "cpu" else 32
+    advice = "the fine-tune diverged; lower the learning rate (search.lr for the trials, teacher.lr for the teacher)"
     sums: dict[str, torch.Tensor] = {}
     steps = 0
     for images, labels, index in batches(split, batch_size=batch_size, shuffle=True, seed=seed, flip=flip):
@@ -59,7 +62,7 @@ def train_one_epoch(
             parts = loss_fn(model(images), labels, index)
         total = parts["total"]
         if steps % check_every == 0 and not torch.isfinite(total).item():
-            raise FloatingPointError(f"loss is {total.item()} at step {steps}; try a lower lr")
+            raise FloatingPointError(f"loss is {total.item()} at step {steps + 1} of epoch {epoch}: {advice}")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -69,7 +72,7 @@ def train_one_epoch(
         steps += 1
     means = {name: float(value) / max(1, steps) for name, value in sums.items()}
     if "total" in means and not math.isfinite(means["total"]):
-        raise FloatingPointError(f"loss was {means['total']} in this epoch; try a lower lr")
+        raise FloatingPointError(f"loss was {means['total']} in epoch {epoch}: {advice}")
     return means
 
 
@@ -83,9 +86,9 @@ def predict_logits(model: nn.Module, split: Split, *, batch_size: int = 256, amp
 
 
 def evaluate(model: nn.Module, split: Split, *, batch_size: int = 256, amp: bool = False) -> float:
-    """Top-1 accuracy on `split`."""
+    """Top-1 accuracy on `split` (correct / total in float64, as `pipelines.metrics` computes it)."""
     predictions = predict_logits(model, split, batch_size=batch_size, amp=amp).argmax(dim=1)
-    return (predictions == split.labels).float().mean().item()
+    return int((predictions == split.labels).sum()) / len(split.labels)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,21 +18,22 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines.budgets import BudgetInputs, keep_counts
-from pipelines.checkpoint import TrainingCheckpoint, load_checkpoint, save_checkpoint
+from pipelines.checkpoint import TrialState, load_state, save_state
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
-from pipelines.data import IMAGENET_MEAN, IMAGENET_STD, Split, Splits, batches, load_data
-from pipelines.device import pick_device
+from pipelines.data import IMAGENET_MEAN, IMAGENET_STD, Split, Splits, batches, load_data, num_batches
+from pipelines.device import device_of, pick_device
 from pipelines.export import load_model, save_model
 from pipelines.importance import ScoringData, module_scores
-from pipelines.macs import count_macs
+from pipelines.macs import MacsModel, count_macs
+from pipelines.metrics import measure, write_class_report
 from pipelines.models import build_model
-from pipelines.objective import FEATURE_TERMS, SOURCE_TERMS, delta_weights, make_objective
-from pipelines.prune import group_scores_by_name, macs_model, prunable_groups
-from pipelines.schedules import SCHEDULES, PruningSession
+from pipelines.objective import FEATURE_TERMS, SOURCE_TERMS, delta_weights, learned_parts, make_objective
+from pipelines.prune import Group, group_scores_by_name, macs_model, prunable_groups
+from pipelines.schedules import SCHEDULES, PruningSession, group_widths
 from pipelines.sources import SourceNet, index_tracer, stage_outputs
 from pipelines.train import cross_entropy_loss, evaluate, make_optimizer, predict_logits, recalibrate_bn, train_one_epoch
 
-__all__ = ["train_teacher", "run_trial", "can_start_from_trial", "can_resume", "EpochCallback", "TEACHER_LOGITS_FILE"]
+__all__ = ["train_teacher", "run_trial", "can_start_from_trial", "EpochCallback", "TEACHER_LOGITS_FILE"]
 
 EpochCallback = Callable[[dict[str, float]], None]
 TEACHER_LOGITS_FILE = "train_logits.safetensors"
@@ -52,13 +53,15 @@ def _finish(
     amp: bool,
     macs_inputs: Iterable[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Evaluate, count MACs (expected over the `macs_inputs` batches for gated models), export; returns the
-    final metrics (also stored in the channel spec)."""
+    """Evaluate (one pass per split: `val_accuracy`, `val_balanced_accuracy`, `test_accuracy`,
+    `test_balanced_accuracy`), count MACs (expected over the `macs_inputs` batches for gated models),
+    export; returns the final metrics (also stored in the channel spec). The per-class table and the
+    confusion matrices (`pipelines.metrics.CLASS_REPORT_FILE`, `PER_CLASS_FILE`) go beside the model."""
     complexity = count_macs(model, image_size=data.image_size, inputs=macs_inputs)
+    measured = {name: measure(model, getattr(splits, name), num_classes=len(splits.classes), amp=amp) for name in ("val", "test")}
     metrics = {
         **extra,
-        "val_accuracy": evaluate(model, splits.val, amp=amp),
-        "test_accuracy": evaluate(model, splits.test, amp=amp),
+        **{key: value for name, m in measured.items() for key, value in m.values(name).items()},
         "macs": float(complexity.macs),
         "params": float(complexity.params),
     }
@@ -70,6 +73,7 @@ def _finish(
         "metrics": metrics,
     }
     save_model(model, output_dir, arch=arch, metadata=metadata)
+    write_class_report(output_dir, splits.classes, measured)
     return metrics
 
 
@@ -85,24 +89,23 @@ def _fit(
     extra_params: list[nn.Parameter] = (),
     flip: bool,
     first_epoch: int = 1,
+    done: int = 0,
+    saved: TrialState | None = None,
     before_epoch: Callable[[int], None] | None = None,
+    after_epoch: Callable[[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None] | None = None,
     on_epoch_end: EpochCallback | None,
-    resume: TrainingCheckpoint | None = None,
-    save_state: Callable[[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None] | None = None,
 ) -> float:
-    """Train `epochs` epochs (AdamW, cosine); returns the final val accuracy. `resume`: the state
-    of this same fit after some of its epochs (which are skipped); `save_state(epoch, optimizer,
-    scheduler)` runs after each epoch, before `on_epoch_end`."""
-    steps_per_epoch = -(-len(splits.train) // finetune.batch_size)
+    """Train `epochs` epochs (AdamW, cosine); returns the final val accuracy. `done`: epochs of this
+    same fit already trained (skipped), whose optimizer, scheduler and RNG `saved` holds;
+    `after_epoch(epoch, optimizer, scheduler)` runs after each epoch, before `on_epoch_end`."""
+    steps_per_epoch = num_batches(len(splits.train), batch_size=finetune.batch_size)
     optimizer, scheduler = make_optimizer(
         model, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps_per_epoch, extra=extra_params
     )
-    done = 0
-    if resume is not None:
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
-        torch.set_rng_state(resume.rng)
-        done = resume.epoch - first_epoch + 1
+    if saved is not None:
+        optimizer.load_state_dict(saved.optimizer)
+        scheduler.load_state_dict(saved.scheduler)
+        torch.set_rng_state(saved.rng)
     val = evaluate(model, splits.val, amp=finetune.amp) if done >= epochs else float("nan")
     for i in range(done, epochs):
         epoch = first_epoch + i
@@ -118,12 +121,15 @@ def _fit(
             seed=finetune.seed * 1000 + epoch,
             flip=flip,
             amp=finetune.amp,
+            epoch=epoch,
         )
-        val = evaluate(model, splits.val, amp=finetune.amp)
-        if save_state is not None:
-            save_state(epoch, optimizer, scheduler)
+        measured = measure(model, splits.val, num_classes=len(splits.classes), amp=finetune.amp)
+        val = measured.accuracy
+        if after_epoch is not None:
+            after_epoch(epoch, optimizer, scheduler)
         if on_epoch_end is not None:
-            on_epoch_end({"epoch": epoch, **{f"loss_{k}": v for k, v in parts.items()}, "val_accuracy": val})
+            losses = {f"loss_{k}": v for k, v in parts.items()}
+            on_epoch_end({"epoch": epoch, **losses, "val_accuracy": val, "val_balanced_accuracy": measured.balanced_accuracy})
     return val
 
 
@@ -189,20 +195,6 @@ def _weight_snapshots(student: nn.Module, teacher_dir: Path) -> list[nn.Module]:
     return snapshots
 
 
-def _sparsify_bn(
-    model: nn.Module, splits: Splits, *, weight: float, lr: float, finetune: FinetuneConfig, on_epoch_end: EpochCallback | None
-) -> None:
-    """Network slimming's sparsity phase: one epoch of CE + `weight` * sum |BN scale|, the trial's epoch 1."""
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-
-    def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        ce = torch.nn.functional.cross_entropy(logits, labels)
-        l1 = sum(m.weight.abs().sum() for m in norms)
-        return {"ce": ce, "bn_l1": l1, "total": ce + weight * l1}
-
-    _fit(model, splits, loss_fn=loss_fn, lr=lr, epochs=1, finetune=finetune, weight_decay=0.0, flip=False, on_epoch_end=on_epoch_end)
-
-
 def _selection_indices(train: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """(kept, held out) positions: every SELECTION_EVERY-th image of each class with at least two
     images is held out as the selection split of schedules that decide during training."""
@@ -230,10 +222,270 @@ def can_start_from_trial(params: TrialParams) -> bool:
     return not (_FOLLOWER_TERMS & params.losses.keys() or params.criterion == "trajectory" or params.densities)
 
 
-def can_resume(params: TrialParams) -> bool:
-    """Whether a checkpoint (student, optimizer, scheduler: `pipelines.checkpoint`) holds all of the
-    trial's training state: one-shot pruning, no gating, no losses with state of their own."""
-    return params.schedule == "one_shot" and not params.densities and not ((_FOLLOWER_TERMS | FEATURE_TERMS) & params.losses.keys())
+@dataclass
+class _Trial:
+    """What a trial reads and never changes: rebuilt the same way when it resumes, so not in its checkpoint."""
+
+    params: TrialParams
+    data: DataConfig
+    model: ModelConfig
+    finetune: FinetuneConfig
+    splits: Splits  # train without the selection split, for schedules that decide during training
+    selection: Split | None  # what those schedules decide on; None: val (one_shot never decides)
+    teacher_logits: torch.Tensor  # for `splits.train`
+    teacher_macs: float
+    arch: str
+    groups: list[Group]
+    macs: MacsModel | None  # the dense network's MACs per group width, for MACs targets
+    source: SourceNet | None
+    delta: dict[str, torch.Tensor] | None
+    checkpoint_dir: Path | None
+    on_epoch_end: EpochCallback | None
+
+    @property
+    def schedule_epochs(self) -> int:
+        """The fine-tune epochs the schedule shares out: the trial's, less a sparsity epoch."""
+        return self.finetune.epochs - (1 if self.params.bn_sparsity > 0 else 0)
+
+    def macs_inputs(self) -> Iterator[torch.Tensor] | None:
+        """Gated MACs are an expectation over the whole val split; None for static models."""
+        if not self.params.densities:
+            return None
+        return (images for images, _, _ in batches(self.splits.val, batch_size=256))
+
+    def report(self, net: nn.Module) -> EpochCallback | None:
+        """`on_epoch_end` with the MACs the network has now."""
+        if self.on_epoch_end is None:
+            return None
+
+        def with_macs(metrics: dict[str, float]) -> None:
+            macs = float(count_macs(net, image_size=self.data.image_size, inputs=self.macs_inputs()).macs)
+            self.on_epoch_end({**metrics, "macs": macs, "macs_ratio": macs / self.teacher_macs})
+
+        return with_macs
+
+    def checkpoint(self, state: TrialState) -> None:
+        if self.checkpoint_dir is not None:
+            save_state(state, self.checkpoint_dir, arch=self.arch)
+
+
+def _prepare(
+    params: TrialParams,
+    *,
+    data: DataConfig,
+    model: ModelConfig,
+    finetune: FinetuneConfig,
+    teacher_dir: Path,
+    splits: Splits,
+    device: torch.device,
+    on_epoch_end: EpochCallback | None,
+    checkpoint_dir: str | Path | None,
+) -> tuple[_Trial, nn.Module]:
+    """The trial's fixed inputs, and the fine-tuned teacher they were derived from."""
+    dense, spec = load_model(teacher_dir)
+    dense = dense.to(device)
+    teacher_logits = load_file(teacher_dir / TEACHER_LOGITS_FILE)["logits"].to(device)
+    if len(teacher_logits) != len(splits.train):
+        raise ValueError(f"{teacher_dir} holds logits for {len(teacher_logits)} train images, the data has {len(splits.train)}")
+    selection = None
+    if params.schedule != "one_shot":  # it decides during training: on images held out of train, not on val
+        trained, held_out = _selection_indices(splits.train)
+        splits, selection, teacher_logits = replace(splits, train=_subset(splits.train, trained)), _subset(splits.train, held_out), teacher_logits[trained]
+    layers = stage_outputs(dense) if FEATURE_TERMS & params.losses.keys() else []
+    delta = None
+    if "delta" in params.losses:
+        delta = delta_weights(dense, layers, splits.train, directory=teacher_dir, batch_size=finetune.batch_size)
+    trial = _Trial(
+        params=params,
+        data=data,
+        model=model,
+        finetune=finetune,
+        splits=splits,
+        selection=selection,
+        teacher_logits=teacher_logits,
+        teacher_macs=spec["metrics"]["macs"],
+        arch=spec["arch"],
+        groups=prunable_groups(dense, image_size=data.image_size),
+        macs=macs_model(dense, image_size=data.image_size) if params.parametrisation == "target" else None,
+        source=SourceNet(model, layers=layers, device=device) if SOURCE_TERMS & params.losses.keys() else None,
+        delta=delta,
+        checkpoint_dir=None if checkpoint_dir is None else Path(checkpoint_dir),
+        on_epoch_end=on_epoch_end,
+    )
+    return trial, dense
+
+
+def _start(
+    trial: _Trial, dense: nn.Module, *, teacher_dir: Path, start_from: str | Path | None, resume_from: str | Path | None
+) -> TrialState:
+    """The trial's state before its first epoch (the student: `dense` itself, or `start_from`), or
+    as its checkpoint left it."""
+    device = device_of(dense)
+    parts = learned_parts(trial.params.losses, dense=dense, layers=trial.source.layers if trial.source else [])
+    if resume_from is not None:
+        state = load_state(resume_from, loss_parts=parts)
+        for name in ("student", "tracer", "previous"):
+            if (network := getattr(state, name)) is not None:
+                setattr(state, name, network.to(device, memory_format=torch.channels_last))
+        state.snapshots = [s.to(device, memory_format=torch.channels_last) for s in state.snapshots]
+        torch.set_rng_state(state.rng)  # as it was after the checkpoint's epoch
+        return state
+    student = (dense if start_from is None else load_model(start_from)[0]).to(device, memory_format=torch.channels_last)
+    state = TrialState(student=student, loss_parts=parts)
+    state.start_widths = {g.name: g.channels for g in prunable_groups(student, image_size=trial.data.image_size)}
+    if _FOLLOWER_TERMS & trial.params.losses.keys():
+        state.tracer = index_tracer(build_model(trial.model, num_classes=len(trial.splits.classes))).to(device)
+    if trial.params.criterion == "trajectory":
+        state.snapshots = _weight_snapshots(student, teacher_dir)
+    return state
+
+
+def _score(trial: _Trial, net: nn.Module, followers: list[nn.Module], *, snapshots: int) -> dict[nn.Module, torch.Tensor]:
+    """The importance criterion on `net`; the trajectory criterion reads the last `snapshots` followers."""
+    trajectory = None
+    if snapshots:
+        epochs_seen = [dict(f.named_modules()) for f in followers[-snapshots:]]
+        trajectory = {
+            name: torch.stack([modules[name].weight.detach() for modules in epochs_seen])
+            for name, m in net.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))
+        }
+    scoring = ScoringData(
+        train=trial.splits.train,
+        batch_size=trial.finetune.batch_size,
+        num_batches=trial.finetune.bn_recalibration_batches,
+        seed=trial.finetune.seed,
+        trajectory=trajectory,
+    )
+    return module_scores(net, trial.params.criterion, data=scoring)
+
+
+def _sparsify_bn(trial: _Trial, state: TrialState) -> None:
+    """Network slimming's sparsity phase: one epoch of CE + `bn_sparsity` * sum |BN scale|, the trial's epoch 1."""
+    if trial.params.bn_sparsity <= 0 or state.epoch > 0:
+        return
+    norms = [m for m in state.student.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
+        ce = torch.nn.functional.cross_entropy(logits, labels)
+        l1 = sum(m.weight.abs().sum() for m in norms)
+        return {"ce": ce, "bn_l1": l1, "total": ce + trial.params.bn_sparsity * l1}
+
+    def after_epoch(epoch: int, *_: object) -> None:
+        state.epoch, state.rng = epoch, torch.get_rng_state()
+        trial.checkpoint(state)
+
+    _fit(
+        state.student, trial.splits, loss_fn=loss_fn, lr=trial.params.lr, epochs=1, finetune=trial.finetune, weight_decay=0.0,
+        flip=False, after_epoch=after_epoch, on_epoch_end=trial.report(state.student),
+    )  # fmt: skip
+
+
+def _decide_target(trial: _Trial, state: TrialState) -> dict[nn.Module, torch.Tensor] | None:
+    """The channels each group keeps in the end, from the criterion on the unpruned student; returns
+    those scores for the first cut (None when a resumed trial decided before its checkpoint)."""
+    if state.target is not None:
+        return None
+    scores = _score(trial, state.student, state.followers, snapshots=len(state.snapshots))
+    group_scores = group_scores_by_name(state.student, scores, image_size=trial.data.image_size)
+    inputs = BudgetInputs(groups=trial.groups, macs=trial.macs, ceiling=state.start_widths, scores=group_scores)
+    state.target = keep_counts(trial.params.parametrisation, inputs, trial.params.budget)
+    state.target.update({g.name: g.channels for g in trial.groups if g.channels <= trial.params.min_channels})
+    return scores
+
+
+def _fine_tune(trial: _Trial, state: TrialState, epochs: int) -> float:
+    """Train the current round up to its `epochs` with the chosen losses; returns the accuracy the
+    schedule decides on (the selection split, or val for schedules that do not decide)."""
+    params, finetune = trial.params, trial.finetune
+    net = state.student.to(memory_format=torch.channels_last)  # pruning leaves odd strides; a resumed student must train in the same layout
+    before_epoch = _gate(net, params, epochs=epochs, train=trial.splits.train, finetune=finetune) if params.densities else None
+    objective = make_objective(
+        params.losses,
+        student=net,
+        tracer=state.tracer,
+        parts=state.loss_parts,
+        teacher_logits=trial.teacher_logits,
+        source=trial.source,
+        delta=trial.delta,
+        weight_decay=finetune.weight_decay,
+        class_weights=_class_weights(trial.splits.train, len(trial.splits.classes)) if params.class_weighted else None,
+    )
+    first_epoch = state.epoch - state.round_epochs + 1
+    # Reseed after everything is built: the training stream (dropout) must not depend on how
+    # many random numbers the chosen losses' modules drew.
+    torch.manual_seed(finetune.seed * 1000 + first_epoch - 1)
+
+    def after_epoch(epoch: int, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+        state.epoch, state.round_epochs = epoch, state.round_epochs + 1
+        state.optimizer, state.scheduler, state.rng = optimizer.state_dict(), scheduler.state_dict(), torch.get_rng_state()
+        trial.checkpoint(state)
+
+    try:
+        val = _fit(
+            net, trial.splits, loss_fn=objective.loss_fn, lr=params.lr, epochs=epochs, finetune=finetune,
+            weight_decay=objective.weight_decay, extra_params=objective.parameters, flip=False, first_epoch=first_epoch,
+            done=state.round_epochs, saved=state if state.optimizer is not None else None, before_epoch=before_epoch,
+            after_epoch=after_epoch, on_epoch_end=trial.report(net),
+        )  # fmt: skip
+    finally:
+        objective.close()
+    state.round_epochs, state.optimizer, state.scheduler = 0, None, None
+    return val if trial.selection is None else evaluate(net, trial.selection, amp=finetune.amp)
+
+
+def _loss_and_accuracy(net: nn.Module, split: Split, *, amp: bool) -> tuple[float, float]:
+    logits = predict_logits(net, split, amp=amp)
+    loss = torch.nn.functional.cross_entropy(logits, split.labels).item()
+    return loss, (logits.argmax(1) == split.labels).float().mean().item()
+
+
+def _prune_and_fine_tune(trial: _Trial, state: TrialState, dense_scores: dict[nn.Module, torch.Tensor] | None) -> None:
+    """The schedule: cut -> BN recalibration -> proxy accuracy -> fine-tune, in one or more rounds."""
+    finetune = trial.finetune
+    session = PruningSession(
+        state=state,
+        groups=trial.groups,
+        image_size=trial.data.image_size,
+        score=lambda net, followers: _score(trial, net, followers, snapshots=len(state.snapshots)),
+        dense_scores=dense_scores,
+        recalibrate=lambda net: recalibrate_bn(
+            net, trial.splits.train, num_batches=finetune.bn_recalibration_batches, batch_size=finetune.batch_size, seed=finetune.seed
+        ),
+        val_loss_and_accuracy=lambda net: _loss_and_accuracy(net, trial.splits.val, amp=finetune.amp),
+        decide_loss_and_accuracy=lambda net: _loss_and_accuracy(
+            net, trial.splits.val if trial.selection is None else trial.selection, amp=finetune.amp
+        ),
+        fit=lambda epochs: _fine_tune(trial, state, epochs),
+    )
+    SCHEDULES.get(trial.params.schedule)(session, epochs=trial.schedule_epochs, rounds=trial.params.rounds, max_drop=trial.params.max_drop)
+
+
+def _freeze_gates(trial: _Trial, state: TrialState) -> None:
+    """AFS: channels (almost) never selected on the train data are pruned, (almost) always: static."""
+    if not trial.params.densities:
+        return
+    from pipelines.gating import channel_usage, freeze_static_channels
+
+    usage = channel_usage(state.student, batches(trial.splits.train, batch_size=trial.finetune.batch_size))
+    freeze_static_channels(state.student, usage)
+
+
+def _summary(trial: _Trial, state: TrialState) -> dict[str, float]:
+    """What the trial measured before its final evaluation, with the widths it achieved (not requested)."""
+    widths = group_widths(state.student, trial.groups)
+    achieved = {g.name: widths[g.name] / g.channels for g in trial.groups}
+    kept = list(achieved.values())
+    return {
+        "proxy_accuracy": state.proxy_accuracy,
+        "rounds": float(len([r for r in state.rounds if not r.get("reverted")])),
+        "train_epochs_used": float(state.epoch),
+        **{f"kept.{name}": fraction for name, fraction in achieved.items()},
+        "keep_min": min(kept),
+        "keep_mean": sum(kept) / len(kept),
+        "keep_max": max(kept),
+        **{f"round{r['round']}_accuracy": r["accuracy"] for r in state.rounds},  # every round, reverted too
+    }
 
 
 def run_trial(
@@ -261,205 +513,53 @@ def run_trial(
     source terms), the trajectory criterion or gating, whose state follows the teacher's channels.
 
     Fine-tuning uses no augmentation so that the teacher's stored train logits match each image.
-    Each epoch reports the loss parts, `val_accuracy`, `macs` and `macs_ratio` to `on_epoch_end`.
+    Each epoch reports the loss parts, `val_accuracy`, `val_balanced_accuracy`, `macs` and `macs_ratio` to `on_epoch_end`.
     Returns `proxy_accuracy` (after the first cut + BN recalibration, before fine-tuning),
     `val_accuracy`, `test_accuracy`, `macs` (expected over val images for gated models), `params`,
     `macs_ratio` (vs the teacher), `rounds` (pruning rounds kept), `round<i>_accuracy` for every
-    round (what the schedule decided on: the selection split for iterative/priority, else val), and `kept.<group>`, the achieved fraction of each group's channels (before gating),
-    with its summary `keep_min` / `keep_mean` / `keep_max`.
+    round (what the schedule decided on: the selection split for iterative/priority, else val),
+    `train_epochs_used`, and `kept.<group>`, the achieved fraction of each group's channels
+    (before gating), with its summary `keep_min` / `keep_mean` / `keep_max`.
 
-    `checkpoint_dir`: where the training state is written after every fine-tune epoch, before
-    `on_epoch_end` sees it (only for trials that `can_resume`). `resume_from`: such a checkpoint of
-    this same trial; training continues after its epoch, with the same results as without the
-    interruption.
+    `checkpoint_dir`: where the trial's state (`pipelines.checkpoint.TrialState`) is written after
+    every epoch, before `on_epoch_end` sees it. `resume_from`: such a checkpoint of this same trial;
+    training continues after its epoch, with the same results as without the interruption.
     """
     if params.densities and params.schedule != "one_shot":
         raise ValueError("dynamic gating needs the one_shot schedule")
     if start_from is not None and not can_start_from_trial(params):
         raise ValueError("start_from needs losses without the pretrained network's channels, no trajectory criterion and no gating")
-    if resume_from is not None and not can_resume(params):
-        raise ValueError("resume_from needs a one_shot trial without gating or losses with their own state")
-    resume = load_checkpoint(resume_from) if resume_from is not None else None
     torch.manual_seed(finetune.seed)
     device = pick_device(device)
     teacher_dir = Path(teacher_dir)
     splits = (splits or load_data(data)).to(device)
-    dense, spec = load_model(teacher_dir)
-    student = dense if start_from is None else load_model(start_from)[0]
-    if resume is not None:
-        student = resume.model
-    teacher_logits = load_file(teacher_dir / TEACHER_LOGITS_FILE)["logits"].to(device)
-    if len(teacher_logits) != len(splits.train):
-        raise ValueError(f"{teacher_dir} holds logits for {len(teacher_logits)} train images, the data has {len(splits.train)}")
-    selection = None
-    if params.schedule != "one_shot":  # it decides during training: on images held out of train, not on val
-        trained, held_out = _selection_indices(splits.train)
-        splits, selection, teacher_logits = replace(splits, train=_subset(splits.train, trained)), _subset(splits.train, held_out), teacher_logits[trained]
-    groups = prunable_groups(dense, image_size=data.image_size)
-    budget_inputs = BudgetInputs(
-        groups=groups,
-        macs=macs_model(dense, image_size=data.image_size) if params.parametrisation == "target" else None,
-        ceiling=None if start_from is None else {g.name: g.channels for g in prunable_groups(student, image_size=data.image_size)},
-    )
-    student = student.to(device, memory_format=torch.channels_last)
-    needs_source = bool(_FOLLOWER_TERMS & params.losses.keys())
-    layers = stage_outputs(student) if FEATURE_TERMS & params.losses.keys() else []
-    source = SourceNet(model, layers=layers, device=device) if SOURCE_TERMS & params.losses.keys() else None
-    delta = (
-        delta_weights(student, layers, splits.train, directory=teacher_dir, batch_size=finetune.batch_size)
-        if "delta" in params.losses
-        else None
-    )
-    # Pruned in step with the student: the pretrained weights (L2-SP anchors) with BN means as channel indices.
-    follower = index_tracer(build_model(model, num_classes=len(splits.classes))).to(device) if needs_source else None
-
-    def val_images() -> Iterator[torch.Tensor]:  # gated MACs: the expectation over the whole val split
-        return (images for images, _, _ in batches(splits.val, batch_size=256))
-
-    def count(net: nn.Module) -> float:
-        return float(count_macs(net, image_size=data.image_size, inputs=val_images() if params.densities else None).macs)
-
-    def with_macs(net: nn.Module) -> EpochCallback | None:
-        if on_epoch_end is None:
-            return None
-        return lambda metrics: on_epoch_end({**metrics, "macs": (m := count(net)), "macs_ratio": m / spec["metrics"]["macs"]})
-
-    # Every pass over the train split is one of the trial's epochs: the sparsity epoch too.
-    epochs_done = 0
-    if resume is not None:
-        epochs_done = int(resume.measured["epochs_before_fine_tune"])
-    elif params.bn_sparsity > 0:
-        _sparsify_bn(student, splits, weight=params.bn_sparsity, lr=params.lr, finetune=finetune, on_epoch_end=with_macs(student))
-        epochs_done = 1
-
-    followers = [follower] if follower is not None else []
-    snapshots = _weight_snapshots(student, teacher_dir) if params.criterion == "trajectory" else []
-    followers += snapshots  # pruned in step, so the trajectories stay aligned with the channels left
-
-    def score(net: nn.Module, current_followers: list[nn.Module]) -> dict[nn.Module, torch.Tensor]:
-        trajectory = None
-        if snapshots:
-            epochs_seen = [dict(f.named_modules()) for f in current_followers[-len(snapshots) :]]
-            trajectory = {
-                name: torch.stack([modules[name].weight.detach() for modules in epochs_seen])
-                for name, m in net.named_modules()
-                if isinstance(m, (nn.Conv2d, nn.Linear))
-            }
-        scoring = ScoringData(
-            train=splits.train,
-            batch_size=finetune.batch_size,
-            num_batches=finetune.bn_recalibration_batches,
-            seed=finetune.seed,
-            trajectory=trajectory,
-        )
-        return module_scores(net, params.criterion, data=scoring)
-
-    dense_scores, target = None, {}
-    if resume is None:  # a resumed student is pruned already
-        dense_scores = score(student, followers)
-        group_scores = group_scores_by_name(student, dense_scores, image_size=data.image_size)
-        target = keep_counts(params.parametrisation, replace(budget_inputs, scores=group_scores), params.budget)
-        target.update({g.name: g.channels for g in groups if g.channels <= params.min_channels})
-
-    def save_state(epoch: int, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
-        # epochs_done still counts the epochs before this fit: fit adds its own once they are all done
-        measured = {"epochs_before_fine_tune": epochs_done, "proxy_accuracy": session.proxy_accuracy}
-        save_checkpoint(checkpoint_dir, model=session.student, arch=spec["arch"], epoch=epoch, optimizer=optimizer, scheduler=scheduler, measured=measured)
-
-    def fit(net: nn.Module, current_followers: list[nn.Module], epochs: int) -> float:
-        nonlocal epochs_done
-        net.to(memory_format=torch.channels_last)  # pruning leaves odd strides; a resumed student must train in the same layout
-        before_epoch = _gate(net, params, epochs=epochs, train=splits.train, finetune=finetune) if params.densities else None
-        objective = make_objective(
-            params.losses,
-            student=net,
-            follower=current_followers[0] if follower is not None else None,
-            teacher_logits=teacher_logits,
-            source=source,
-            delta=delta,
-            weight_decay=finetune.weight_decay,
-            class_weights=_class_weights(splits.train, len(splits.classes)) if params.class_weighted else None,
-        )
-        # Reseed after everything is built: the training stream (dropout) must not depend on how
-        # many random numbers the chosen losses' modules drew.
-        torch.manual_seed(finetune.seed * 1000 + epochs_done)
-        try:
-            val = _fit(
-                net,
-                splits,
-                loss_fn=objective.loss_fn,
-                lr=params.lr,
-                epochs=epochs,
-                finetune=finetune,
-                weight_decay=objective.weight_decay,
-                extra_params=objective.parameters,
-                flip=False,
-                first_epoch=epochs_done + 1,
-                before_epoch=before_epoch,
-                on_epoch_end=with_macs(net),
-                resume=resume,
-                save_state=save_state if checkpoint_dir is not None and can_resume(params) else None,
-            )
-        finally:
-            objective.close()
-        epochs_done += epochs
-        return val if selection is None else evaluate(net, selection, amp=finetune.amp)
-
-    def loss_and_accuracy(net: nn.Module, split: Split) -> tuple[float, float]:
-        logits = predict_logits(net, split, amp=finetune.amp)
-        loss = torch.nn.functional.cross_entropy(logits, split.labels).item()
-        return loss, (logits.argmax(1) == split.labels).float().mean().item()
-
-    session = PruningSession(
-        student=student,
-        followers=followers,
-        groups=groups,
-        target=target,
-        image_size=data.image_size,
-        score=score,
-        dense_scores=dense_scores,
-        recalibrate=lambda net: recalibrate_bn(
-            net, splits.train, num_batches=finetune.bn_recalibration_batches, batch_size=finetune.batch_size, seed=finetune.seed
-        ),
-        val_loss_and_accuracy=lambda net: loss_and_accuracy(net, splits.val),
-        decide_loss_and_accuracy=lambda net: loss_and_accuracy(net, selection if selection is not None else splits.val),
-        fit=fit,
-    )
-    if resume is None:
-        SCHEDULES.get(params.schedule)(session, epochs=finetune.epochs - epochs_done, rounds=params.rounds, max_drop=params.max_drop)
-    else:  # the one_shot schedule after its cut, continued
-        session.proxy_accuracy = resume.measured["proxy_accuracy"]
-        session.rounds.append({"round": 1, "accuracy": fit(student, [], finetune.epochs - epochs_done)})
-    extra = {
-        "proxy_accuracy": session.proxy_accuracy,
-        "rounds": float(len([r for r in session.rounds if not r.get("reverted")])),
-        "train_epochs_used": float(epochs_done),
-    }
-    achieved = {g.name: session.current()[g.name] / g.channels for g in groups}  # achieved, not requested
-    extra.update({f"kept.{name}": fraction for name, fraction in achieved.items()})
-    kept = list(achieved.values())
-    extra.update(keep_min=min(kept), keep_mean=sum(kept) / len(kept), keep_max=max(kept))
-    extra.update({f"round{r['round']}_accuracy": r["accuracy"] for r in session.rounds})  # every round, reverted too
-    if params.densities:
-        from pipelines.gating import channel_usage, freeze_static_channels
-
-        # AFS: channels (almost) never selected on the train data are pruned, (almost) always: static.
-        usage = channel_usage(session.student, batches(splits.train, batch_size=finetune.batch_size))
-        freeze_static_channels(session.student, usage)
-    metrics = _finish(
-        session.student, splits, data=data, arch=spec["arch"], output_dir=Path(output_dir), extra=extra, amp=finetune.amp,
-        macs_inputs=val_images() if params.densities else None,
+    trial, dense = _prepare(
+        params, data=data, model=model, finetune=finetune, teacher_dir=teacher_dir, splits=splits, device=device,
+        on_epoch_end=on_epoch_end, checkpoint_dir=checkpoint_dir,
     )  # fmt: skip
-    metrics["macs_ratio"] = metrics["macs"] / spec["metrics"]["macs"]
+    state = _start(trial, dense, teacher_dir=teacher_dir, start_from=start_from, resume_from=resume_from)
+    _sparsify_bn(trial, state)
+    dense_scores = _decide_target(trial, state)
+    _prune_and_fine_tune(trial, state, dense_scores)
+    _freeze_gates(trial, state)
+    metrics = _finish(
+        state.student, trial.splits, data=data, arch=trial.arch, output_dir=Path(output_dir), extra=_summary(trial, state),
+        amp=finetune.amp, macs_inputs=trial.macs_inputs(),
+    )  # fmt: skip
+    metrics["macs_ratio"] = metrics["macs"] / trial.teacher_macs
     return metrics
 
 
 def _gate(net: nn.Module, params: TrialParams, *, epochs: int, train: Split, finetune: FinetuneConfig) -> Callable[[int], None]:
-    """Insert dynamic channel gates (per-stage densities), fit their predictors; returns the per-epoch density step."""
-    from pipelines.gating import add_stage_gates, density_schedule, fit_predictors, set_density
+    """Dynamic channel gates (per-stage densities) with fitted predictors, unless a resumed student
+    has them already; returns the per-epoch density step."""
+    from pipelines.gating import add_stage_gates, density_schedule, fit_predictors, gate_stages, named_gates, set_density
 
-    targets = add_stage_gates(net, params.densities)
-    fitting = batches(train, batch_size=finetune.batch_size, shuffle=True, seed=finetune.seed)
-    fit_predictors(net, itertools.islice(fitting, max(1, finetune.bn_recalibration_batches)))  # as many as BN recalibration
+    if named_gates(net):
+        targets = {name: params.densities.get(stage, 1.0) for name, stage in gate_stages(net).items()}
+    else:
+        targets = add_stage_gates(net, params.densities)
+        fitting = batches(train, batch_size=finetune.batch_size, shuffle=True, seed=finetune.seed)
+        fit_predictors(net, itertools.islice(fitting, max(1, finetune.bn_recalibration_batches)))  # as many as BN recalibration
     steps = {name: density_schedule(d, epochs, warmup=params.density_warmup) for name, d in targets.items()}
     return lambda epoch: set_density(net, {name: s[epoch] for name, s in steps.items()})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list every trial of a search: status, knobs, accuracies, MACs, front membership",
         description="One line per trial of the newest finished search of EXPERIMENT (or --search): finished, stopped"
         " (by successive halving), failed or killed; what it started from; its MACs target; proxy / val / test"
-        " accuracy; MACs; params; whether it is on the front.",
+        " accuracy (and val / test balanced accuracy when it is the search's metric); MACs; params; whether it is on the front.",
         epilog="examples:\n  slimtune runs quickstart\n  slimtune runs quickstart --sort val\n  slimtune runs quickstart --json > trials.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -105,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = commands.add_parser(
         "fetch",
         help="download the most accurate Pareto model under a MACs budget",
-        description="Write model.safetensors + channel_spec.json + config.yaml (and the same network as"
-        " model.onnx) of the front model with the best val accuracy among those with at most --max-macs MACs"
-        " (multiply-accumulates per image).",
+        description="Write model.safetensors + channel_spec.json + config.yaml + the per-class table and confusion"
+        " matrices (per_class.csv, class_report.json), and the same network as model.onnx, of the front model with the"
+        " best val accuracy (balanced accuracy with search.metric: balanced_accuracy) among those with at most"
+        " --max-macs MACs (multiply-accumulates per image).",
         epilog="example:\n  slimtune fetch quickstart --max-macs 12M -o my_model/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -161,19 +163,23 @@ def _tracker(args: argparse.Namespace):
 def _print_front(front, *, header: str) -> None:
     from search.report import front_rows, front_table
 
+    from search._helpers import format_accuracies
+
     print(header)
-    print(front_table(front_rows(front.front)))
+    print(front_table(front_rows(front.front), metric=front.metric))
     unfinished = len(front.trials) - len(front.finished) - len(front.stopped)
+    objective = "val bal acc" if front.metric == "balanced_accuracy" else "val acc"
     print(
         f"{len(front.finished)} trials finished, {len(front.stopped)} stopped early, {unfinished} failed, killed or interrupted;"
-        " the front is non-dominated on (val acc max, MACs min)."
+        f" the front is non-dominated on ({objective} max, MACs min)."
     )
     if front.teacher is not None:
         t = front.teacher.metrics
-        print(f"dense teacher: val acc {t['val_accuracy']:.3f}, test acc {t['test_accuracy']:.3f}, {t['macs'] / 1e6:.2f}M MACs")
+        print(f"dense teacher: {format_accuracies(t, front.metric)}, {t['macs'] / 1e6:.2f}M MACs")
     if front.hypervolume is not None:
         versus = f"; the uniform anchors alone: {front.anchors_hypervolume:.3f}" if front.anchors_hypervolume is not None else ""
-        print(f"hypervolume (area under the front's test accuracy, MACs in [0, teacher], accuracy above chance): {front.hypervolume:.3f}{versus}")
+        measured = front.metric.replace("_", " ")
+        print(f"hypervolume (area under the front's test {measured}, MACs in [0, teacher], {measured} above chance): {front.hypervolume:.3f}{versus}")
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -262,7 +268,7 @@ def _pareto(args: argparse.Namespace) -> None:
 def _runs(args: argparse.Namespace) -> None:
     import json
 
-    from search.report import run_rows, runs_table
+    from search.report import run_columns, run_rows, runs_table
 
     front = _load_front(args, say=(lambda line: None) if args.json else print)  # --json: nothing but JSON on stdout
     rows = run_rows(front.trials, front=front.front)
@@ -270,45 +276,104 @@ def _runs(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows, indent=1, default=str))
         return
-    print(runs_table(rows))
+    print(runs_table(rows, columns=run_columns(front.metric)))
     counts = {status: sum(row["status"] == status for row in rows) for status in ("finished", "stopped", "failed", "killed")}
     print(", ".join(f"{n} {status}" for status, n in counts.items()) + f"; {len(front.front)} on the front")
 
 
 def _fetch(args: argparse.Namespace) -> None:
-    from search._helpers import format_count, parse_macs
+    from pipelines.export import ONNX_FILE
+    from search._helpers import format_accuracies, format_count, parse_macs
     from search.front import choose_under_budget
 
     budget = parse_macs(args.max_macs)
     tracker = _tracker(args)
     front = _load_front(args, tracker)
-    chosen = choose_under_budget(front.front, budget)
+    chosen = choose_under_budget(front.front, budget, metric=front.metric)
     destination = Path(args.to)
-    path = tracker.download(chosen.run_id, "model", destination.parent / f".{destination.name}.download")
-    destination.mkdir(parents=True, exist_ok=True)
-    for file in path.iterdir():
-        file.replace(destination / file.name)
-    path.rmdir()
-    path.parent.rmdir()
+    trial = chosen.tags.get("slimtune.trial_id")
+    needed = _artifact_bytes(tracker.client, chosen.run_id, "model")
+    free = shutil.disk_usage(_nearest_folder(destination)).free
+    if free < needed:
+        raise UsageError(
+            f"-o {destination}: the model of trial {trial} needs {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there;"
+            " nothing was written: free some space or give another -o"
+        )
+    # Everything happens in a staging folder beside DIR and moves into DIR once complete: a disk
+    # that fills or a model folder the loader refuses leaves DIR as it was, nothing half-written.
+    staging = destination.parent / f".{destination.name}.download"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier fetch that was killed
+    try:
+        try:
+            path = tracker.download(chosen.run_id, "model", staging)
+            onnx_failure = _write_onnx(path, run_id=chosen.run_id)
+            destination.mkdir(parents=True, exist_ok=True)
+            for file in sorted(path.iterdir()):
+                file.replace(destination / file.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        raise UsageError(
+            f"-o {destination}: cannot write the model of trial {trial} there ([Errno {error.errno}] {error.strerror});"
+            f" nothing was written: free some space or give another -o"
+        ) from None
+    except Exception as error:  # MLflow's download reports a failed file (a disk that filled, a lost server) as its own error
+        if isinstance(error, UsageError):
+            raise
+        cause = "the disk filled up" if shutil.disk_usage(_nearest_folder(destination)).free < needed else _first_line(error)
+        raise UsageError(f"-o {destination}: cannot download the model of trial {trial} (MLflow run {chosen.run_id}): {cause}; nothing was written") from None
     m = chosen.metrics
     print(
-        f"wrote {destination}/ : trial {chosen.tags.get('slimtune.trial_id')}, val acc {m['val_accuracy']:.3f},"
-        f" test acc {m['test_accuracy']:.3f}, {format_count(m['macs'])} MACs, {format_count(m['params'])} params"
+        f"wrote {destination}/ : trial {trial}, {format_accuracies(m, front.metric)},"
+        f" {format_count(m['macs'])} MACs, {format_count(m['params'])} params"
     )
-    _write_onnx(destination)
+    if isinstance(onnx_failure, OSError):  # the disk filled while exporting: the model is complete, the ONNX copy is not there
+        raise UsageError(
+            f"-o {destination / ONNX_FILE}: not written ([Errno {onnx_failure.errno}] {onnx_failure.strerror}); the safetensors"
+            f" model in {destination} is complete: free some space and fetch again for the ONNX file"
+        )
+    if onnx_failure is None:
+        print(f"wrote {destination / ONNX_FILE} (dynamic batch; mean, std, classes and image_size in its metadata)")
+    else:
+        print(f"{destination / ONNX_FILE}: not written, the ONNX exporter failed ({type(onnx_failure).__name__}); the safetensors model is complete")
 
 
-def _write_onnx(directory: Path) -> None:
-    """Add model.onnx beside the safetensors model; a model the exporter cannot take is said in one line."""
-    from pipelines.export import ONNX_FILE, export_onnx, load_model
+def _artifact_bytes(client, run_id: str, path: str) -> int:
+    return sum(_artifact_bytes(client, run_id, f.path) if f.is_dir else (f.file_size or 0) for f in client.list_artifacts(run_id, path))
 
-    model, spec = load_model(directory)
+
+def _nearest_folder(path: Path) -> Path:
+    """`path`, or its nearest ancestor that exists (what `shutil.disk_usage` can ask about)."""
+    path = path.absolute()
+    while not path.is_dir() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200] if lines else 'no message'}"
+
+
+def _write_onnx(directory: Path, *, run_id: str) -> Exception | None:
+    """Add model.onnx beside the safetensors model, loading it first (a folder the loader refuses is
+    an error naming the file); returns None, or the error that kept the exporter from writing it
+    (the safetensors model is complete anyway; an OSError is the disk's, not the model's)."""
+    from pipelines.export import ONNX_FILE, ModelFolderError, export_onnx, load_model
+
+    try:
+        model, spec = load_model(directory)
+    except ModelFolderError as error:  # name the file as MLflow stores it, not as the staging folder
+        raise UsageError(str(error).replace(str(directory), f"runs:/{run_id}/model")) from None
     try:
         export_onnx(model, directory / ONNX_FILE, spec=spec)
     except Exception as error:  # the exporter's failures are many and version-specific; the model itself is fine
-        print(f"{directory / ONNX_FILE}: not written, the ONNX exporter failed ({type(error).__name__}); the safetensors model is complete")
-        return
-    print(f"wrote {directory / ONNX_FILE} (dynamic batch; mean, std, classes and image_size in its metadata)")
+        (directory / ONNX_FILE).unlink(missing_ok=True)  # no half-written file
+        cause = error
+        while not isinstance(cause, OSError) and cause.__cause__ is not None:  # a full disk inside the exporter's own errors
+            cause = cause.__cause__
+        return cause if isinstance(cause, OSError) else error
+    return None
 
 
 def _methods(args: argparse.Namespace) -> None:
@@ -353,9 +418,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as error:
         from pipelines.data import DataError
+        from pipelines.export import ModelFolderError
         from pipelines.models import WeightsUnavailableError
 
-        if isinstance(error, (DataError, WeightsUnavailableError)):
+        if isinstance(error, (DataError, ModelFolderError, WeightsUnavailableError)):
             print(f"slimtune: error: {error}", file=sys.stderr)
             return 2
         raise

@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from search._helpers import format_count
-from search.front import SearchFront, front_of
+from search._helpers import format_accuracies, format_count
+from search.front import METRIC_PARAM, SearchFront, front_of
 from search.knobs import anchor_points, resolve, search_space, target_grid, trial_params
 from search.layout import Layout
 from search.space import Experiment, SpaceError, parse_space, to_dict
@@ -109,7 +109,7 @@ def _sampler(experiment: Experiment, *, startup: int) -> Any:
     return optuna.samplers.RandomSampler(seed=s.seed)
 
 
-def _progress_callback(total: int, log: Log) -> Any:
+def _progress_callback(total: int, log: Log, metric: str = "accuracy") -> Any:
     from ray import tune
 
     class Progress(tune.Callback):
@@ -138,14 +138,14 @@ def _progress_callback(total: int, log: Log) -> Any:
             origin = f", from trial {r['start_from']}" if r.get("start_from") else ""
             if r.get("final"):
                 log(
-                    f"[{self.done}/{total}] trial {trial.trial_id}: val acc {r['val_accuracy']:.3f},"
-                    f" test acc {r['test_accuracy']:.3f}, {format_count(r['macs'])} MACs ({r['macs_ratio']:.3f}x teacher),"
+                    f"[{self.done}/{total}] trial {trial.trial_id}: {format_accuracies(r, metric)},"
+                    f" {format_count(r['macs'])} MACs ({r['macs_ratio']:.3f}x teacher),"
                     f" proxy {r['proxy_accuracy']:.3f}{origin}, {self._elapsed(trial)}"
                 )
             else:
                 log(
                     f"[{self.done}/{total}] trial {trial.trial_id}: stopped after epoch {int(r.get('epoch', 0))}"
-                    f" (val acc {r.get('val_accuracy', float('nan')):.3f} at {r.get('macs_ratio', float('nan')):.3f}x MACs), {self._elapsed(trial)}"
+                    f" ({format_accuracies(r, metric, splits=('val',))} at {r.get('macs_ratio', float('nan')):.3f}x MACs), {self._elapsed(trial)}"
                 )
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -179,7 +179,7 @@ def _run_trials(
 
     from pipelines.trial import can_start_from_trial
     from search.scheduler import ParetoHalving
-    from search.searcher import OBJECTIVES, StudySearcher, close_running
+    from search.searcher import StudySearcher, close_running, objectives
     from search.trainable import run_tune_trial
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -203,7 +203,7 @@ def _run_trials(
             study_name=study_name,
             storage=optuna_storage,
             sampler=_sampler(experiment, startup=max(2, len(anchors))),
-            directions=list(OBJECTIVES.values()),
+            directions=list(objectives(s.objective).values()),
         )
         searcher = StudySearcher(
             study,
@@ -213,12 +213,13 @@ def _run_trials(
             trial_epochs=experiment.trial.epochs,
             epoch_budget=s.epoch_budget,
             can_warm_start=can_warm_start if s.warm_start == "front" else None,
+            objective=s.objective,
         )
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
-                scheduler=ParetoHalving(rungs=s.rungs, eta=s.eta) if s.rungs else None,
+                scheduler=ParetoHalving(rungs=s.rungs, eta=s.eta, metric=s.objective) if s.rungs else None,
                 num_samples=s.num_trials,
                 max_concurrent_trials=s.max_concurrent,
                 reuse_actors=True,  # a trial process keeps its imports and its MLflow client for the next trial
@@ -229,7 +230,7 @@ def _run_trials(
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 verbose=0,
-                callbacks=[_progress_callback(s.num_trials, log)],
+                callbacks=[_progress_callback(s.num_trials, log, s.metric)],
             ),
         )
         halving = f", halving at epochs {s.rungs} (eta {s.eta:g})" if s.rungs else ""
@@ -237,6 +238,7 @@ def _run_trials(
         log(
             f"search: {s.num_trials} trials ({len(anchors)} uniform anchors, {s.target_grid} on a MACs grid first), {s.max_concurrent} at a time,"
             f" sampler {s.sampler} (seed {s.seed}), warm start from {s.warm_start}{halving}{budget}"
+            + (f", objectives {s.objective} and MACs" if s.metric != "accuracy" else "")
         )
 
     def announce(signum: int) -> None:  # before Tune stops any trial: they read it
@@ -253,7 +255,7 @@ def _run_trials(
     if request.signum is None:
         return seconds, None
     finished = {r.tags.get(TRIAL_TAG): r.metrics for r in tracker.children(context.parent_run_id, role="trial") if r.status == "FINISHED"}
-    return seconds, SearchInterrupted(request.signum, trial_ids=close_running(study, finished=finished))
+    return seconds, SearchInterrupted(request.signum, trial_ids=close_running(study, finished=finished, objective=s.objective))
 
 
 def _experiment_path(storage: str, name: str) -> str:
@@ -292,8 +294,9 @@ def _publish_front(
             rows,
             teacher=front.teacher.metrics,
             anchors=front.anchors,
-            title=f"{experiment.name}: accuracy vs MACs",
+            title=f"{experiment.name}: {front.metric.replace('_', ' ')} vs MACs",
             path=layout.directory / "front.png",
+            metric=front.metric,
         )
         tracker.log_artifact(parent_id, path)
     counts = {
@@ -323,9 +326,10 @@ def run_search(
 
     `address`: a Ray cluster to join (else $RAY_ADDRESS, else a fresh local Ray); `storage`: Ray
     Tune's storage (a path all nodes see, or s3://...; default <output>/<name>/ray)."""
-    layout = Layout.at(output, experiment.name).make()
+    layout = _writable(Layout.at(output, experiment.name))
+    splits = _checked_data(experiment, log)
     with _ray(address, experiment, tracking_uri=tracking_uri or layout.tracking_uri, log=log) as experiment:
-        return _search(experiment, layout=layout, uri=tracking_uri or layout.tracking_uri, storage=storage, resume=None, log=log)
+        return _search(experiment, splits, layout=layout, uri=tracking_uri or layout.tracking_uri, storage=storage, resume=None, log=log)
 
 
 def resume_search(
@@ -356,8 +360,33 @@ def resume_search(
     with tempfile.TemporaryDirectory(prefix="slimtune-resume-") as work:
         experiment = parse_space(yaml.safe_load((tracker.download(run.run_id, "config.yaml", work)).read_text()))
     log(f"resuming search {run.name} ({run.run_id}, {run.status}) of {name!r} with the config it was started with")
+    layout = _writable(layout)
+    splits = _checked_data(experiment, log)
     with _ray(address, experiment, tracking_uri=uri, log=log) as experiment:
-        return _search(experiment, layout=layout.make(), uri=uri, storage=storage, resume=run, log=log)
+        return _search(experiment, splits, layout=layout, uri=uri, storage=storage, resume=run, log=log)
+
+
+def _writable(layout: Layout) -> Layout:
+    """The output folders, made and checked to take a file before anything is computed: a folder
+    that cannot is one line (`--output`), not a traceback after the teacher's fine-tune."""
+    try:
+        layout.make()
+        for folder in (layout.root, layout.directory):
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+    except OSError as error:
+        raise SpaceError(
+            f"--output: cannot write to {layout.root} ([Errno {error.errno}] {error.strerror}); pass --output DIR, a folder you can write to"
+        ) from None
+    return layout
+
+
+def _checked_data(experiment: Experiment, log: Log) -> Any:
+    """Decode the folder and pre-flight the architecture before Ray starts or any run exists: a
+    folder or model slimtune cannot use is an error, not a failed search."""
+    splits = _load_data(experiment, log)
+    _preflight(experiment, num_classes=len(splits.classes))
+    return splits
 
 
 @contextlib.contextmanager
@@ -419,7 +448,7 @@ def _preflight(experiment: Experiment, *, num_classes: int) -> None:
         raise SpaceError(f"model.arch: {error}; tested: {', '.join(TESTED_ARCHS)}") from None
 
 
-def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | None, resume: RunRecord | None, log: Log) -> SearchOutcome:
+def _search(experiment: Experiment, splits: Any, *, layout: Layout, uri: str, storage: str | None, resume: RunRecord | None, log: Log) -> SearchOutcome:
     from pipelines.export import load_model
     from pipelines.models import TESTED_ARCHS
     from pipelines.prune import macs_model, prunable_groups
@@ -429,8 +458,6 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
     config_yaml = yaml.safe_dump(to_dict(experiment), sort_keys=False)
     layout.config_file.write_text(config_yaml)
     storage = storage or str(layout.ray_storage)
-    splits = _load_data(experiment, log)  # before any run: a folder it cannot use is an error, not a failed search
-    _preflight(experiment, num_classes=len(splits.classes))
     if resume is None:
         tracker = Tracker(uri, experiment.name, create=True, local_artifacts=layout.artifacts)
         parent_id = tracker.start_run(f"search-{time.strftime('%Y%m%d-%H%M%S')}", role="search", tags={RAY_STORAGE_TAG: storage})
@@ -442,7 +469,10 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
     try:
         if resume is None:
             tracker.log_text(parent_id, config_yaml, "config.yaml")
-            tracker.log_params(parent_id, {"arch": experiment.model.arch, "num_trials": experiment.search.num_trials, "sampler": experiment.search.sampler})
+            tracker.log_params(
+                parent_id,
+                {"arch": experiment.model.arch, "num_trials": experiment.search.num_trials, "sampler": experiment.search.sampler, METRIC_PARAM: experiment.search.metric},
+            )
         if splits.skipped:
             tracker.log_text(parent_id, "\n".join(splits.skipped) + "\n", "skipped_files.txt")
         teacher_dir = ensure_teacher(experiment, splits, layout, tracker, parent_id, log)
@@ -482,7 +512,7 @@ def _search(experiment: Experiment, *, layout: Layout, uri: str, storage: str | 
         _publish_front(tracker, parent_id, front, experiment, layout, epochs=epochs, seconds=seconds)
         if front.hypervolume is not None:
             versus = f", uniform anchors alone {front.anchors_hypervolume:.3f}" if front.anchors_hypervolume is not None else ""
-            log(f"search: {epochs} fine-tune epochs; hypervolume {front.hypervolume:.3f} (test accuracy of the front){versus}")
+            log(f"search: {epochs} fine-tune epochs; hypervolume {front.hypervolume:.3f} (test {front.metric.replace('_', ' ')} of the front){versus}")
         if interrupted is not None:
             tracker.set_tags(parent_id, {INTERRUPTED_TAG: signal.Signals(interrupted.signum).name})
             tracker.end_run(parent_id, "KILLED")

@@ -5,6 +5,7 @@ Every problem is reported as one `SpaceError` line that names the field and what
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -60,6 +61,11 @@ class BudgetSpace:
 @dataclass(frozen=True)
 class SearchConfig:
     num_trials: int = 16  # trials started (with `rungs`, some stop early)
+    # The objective (with MACs) on the val split: what the study, successive halving, the front and
+    # `fetch` select on. balanced_accuracy (mean per-class recall) for imbalanced classes, where
+    # always answering the majority class scores its share in accuracy but only 1 / classes here.
+    # Both are logged for the teacher and every trial either way.
+    metric: Literal["accuracy", "balanced_accuracy"] = "accuracy"
     # Trials at once; null: as many as the cluster's CPUs (and GPUs) allow, e.g. 2 one-thread trials on 2 cores.
     max_concurrent: int | None = None
     # gp: Optuna's GPSampler (LogEHVI), in range at 16-64 trials; tpe: multivariate TPE;
@@ -68,8 +74,8 @@ class SearchConfig:
     seed: int = 0  # seeds the sampler: the same space proposes the same trials
     cpus_per_trial: float = 1  # also the trial's torch threads; more threads than cores slows CPU training 10x
     gpus_per_trial: float = 0  # fractional values share a GPU between trials
-    # A trial whose process or node died is retried this often, on any node: one-shot trials from
-    # their last epoch's checkpoint, others from the start; in the same MLflow run either way.
+    # A trial whose process or node died is retried this often, on any node, from its last
+    # epoch's checkpoint, in the same MLflow run.
     max_failures: int = 3
     importance: list[str] = field(default_factory=lambda: ["l1"])  # criteria; a list is searched
     # MACs targets (fractions of the dense MACs) tried first with a uniform keep ratio, largest first:
@@ -106,6 +112,11 @@ class SearchConfig:
     gating_density: Range | None = None  # AFS dynamic gating: per-stage density range; null = no gating
     gating_warmup: int = 0  # epochs stepping the density down from 1 (FBS); 0 = the target from the start
     class_weighted: bool = False  # TASCNet: class-weighted cross-entropy
+
+    @property
+    def objective(self) -> str:
+        """The val metric the search maximises: `val_accuracy` or `val_balanced_accuracy`."""
+        return f"val_{self.metric}"
 
 
 @dataclass(frozen=True)
@@ -235,7 +246,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [key for key in raw if key not in fields]
     if unknown:
-        raise SpaceError(f"{_join(where, _key_text(unknown[0]))}: unknown key; valid keys: {', '.join(fields)}")
+        raise SpaceError(f"{_join(where, _key_text(unknown[0]))}: unknown key{_did_you_mean(unknown[0], fields)}; valid keys: {', '.join(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
@@ -244,6 +255,12 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise SpaceError(f"{_join(where, name)}: required key is missing")
     return cls(**values)
+
+
+def _did_you_mean(given: Any, valid: typing.Iterable[str]) -> str:
+    """' (did you mean kd_alpha?)' for a near miss of one of `valid`, else ''."""
+    close = difflib.get_close_matches(given, list(valid), n=1, cutoff=0.75) if isinstance(given, str) else []
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _key_text(key: Any) -> str:
@@ -279,12 +296,17 @@ def validate(experiment: Experiment) -> Experiment:
         raise SpaceError(f"name: {experiment.name!r} must be letters, digits, '_', '.', '-' (it names a folder)")
     data = experiment.data
     folder = Path(data.path)
-    if not folder.is_dir():
-        raise SpaceError(
-            f"data.path: folder {data.path!r} does not exist; give an ImageFolder root (one sub-folder per class)"
-            " or run `slimtune prepare-data animal-mnist DIR` for the embedded dataset"
-        )
-    if sum(1 for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) < 2:  # hidden folders are no classes
+    try:
+        if not folder.is_dir():
+            what = " (it is a file)" if folder.is_file() else ""
+            raise SpaceError(
+                f"data.path: folder {data.path!r} does not exist{what}; give an ImageFolder root (one sub-folder per class)"
+                " or run `slimtune prepare-data animal-mnist DIR` for the embedded dataset"
+            )
+        classes = sum(1 for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))  # hidden folders are no classes
+    except OSError as error:  # a name too long, a folder it may not read
+        raise SpaceError(f"data.path: cannot read {data.path!r} ([Errno {error.errno}] {error.strerror}); give an ImageFolder root") from None
+    if classes < 2:
         raise SpaceError(f"data.path: {data.path!r} needs at least two class sub-folders (ImageFolder layout)")
     # Absolute, so that Ray workers (which run in their own folders) and the saved config agree.
     experiment = dataclasses.replace(experiment, data=dataclasses.replace(data, path=str(folder.resolve())))
@@ -300,7 +322,7 @@ def validate(experiment: Experiment) -> Experiment:
         raise SpaceError("data.max_images_per_class: must be at least 3 (train, val and test need one each)")
     archs = available_archs()
     if experiment.model.arch not in archs:
-        raise SpaceError(f"model.arch: unknown torchvision model {experiment.model.arch!r}; valid: {', '.join(archs)}")
+        raise SpaceError(f"model.arch: unknown torchvision model {experiment.model.arch!r}{_did_you_mean(experiment.model.arch, archs)}; valid: {', '.join(archs)}")
     weights = available_weights(experiment.model.arch)
     if experiment.model.weights is not None and experiment.model.weights not in weights:
         raise SpaceError(
@@ -313,6 +335,11 @@ def validate(experiment: Experiment) -> Experiment:
             if getattr(config, name) < 1:
                 raise SpaceError(f"{stage}.{name}: must be at least 1, got {getattr(config, name)}")
         _check_positive(config.lr, f"{stage}.lr")
+        if config.weight_decay < 0:
+            raise SpaceError(f"{stage}.weight_decay: must be >= 0 (AdamW's decoupled decay), got {config.weight_decay:g}")
+    for where, seed in (("data.seed", data.seed), ("teacher.seed", experiment.teacher.seed), ("trial.seed", experiment.trial.seed), ("search.seed", experiment.search.seed)):
+        if not 0 <= seed < 2**32:  # what numpy's and Optuna's generators take
+            raise SpaceError(f"{where}: must be in [0, 2**32 - 1], got {seed}")
     if experiment.trial.lr != FinetuneConfig.lr:
         raise SpaceError("trial.lr: a trial's learning rate is searched; set search.lr instead (a number fixes it)")
     search = experiment.search
@@ -326,7 +353,7 @@ def validate(experiment: Experiment) -> Experiment:
         raise SpaceError(f"search.max_failures: must be >= 0 (0: a lost trial is not retried), got {search.max_failures}")
     for name in search.importance:
         if name not in CRITERIA:
-            raise SpaceError(f"search.importance: unknown criterion {name!r}; valid: {', '.join(CRITERIA.names())}")
+            raise SpaceError(f"search.importance: unknown criterion {name!r}{_did_you_mean(name, CRITERIA.names())}; valid: {', '.join(CRITERIA.names())}")
     for name in ("importance", "schedule", "teacher"):
         if not getattr(search, name):
             raise SpaceError(f"search.{name}: give at least one choice")
@@ -390,12 +417,19 @@ def parse_space(raw: Any) -> Experiment:
 
 def load_space(path: str | Path) -> Experiment:
     path = Path(path)
-    if not path.is_file():
-        raise SpaceError(f"space file {str(path)!r} not found; see spaces/ for examples")
     try:
-        raw = yaml.safe_load(path.read_text())
+        if not path.is_file():
+            raise SpaceError(f"space file {str(path)!r} not found; see spaces/ for examples")
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise SpaceError(f"space file {str(path)!r}: cannot read it ([Errno {error.errno}] {error.strerror})") from None
+    except UnicodeDecodeError as error:
+        raise SpaceError(f"{path}: not UTF-8 text (byte {error.start}); save the space file as UTF-8 YAML") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
-        raise SpaceError(f"{path}: not valid YAML{line}: {getattr(error, 'problem', error)}") from None
+        problem = " ".join(str(getattr(error, "problem", None) or error).split())  # one line, whatever PyYAML wrote
+        raise SpaceError(f"{path}: not valid YAML{line}: {problem}") from None
     return parse_space(raw)

@@ -8,8 +8,8 @@ A trial that raises is recorded FAILED in MLflow (with its error) and reports `f
 records it as failed too and Tune does not retry it (the same knobs would fail again); the search
 goes on with the other trials. Tune retries (`search.max_failures`) only trials whose process or
 node died, and `slimtune resume` continues those its dead or interrupted driver left: the trial
-continues the same MLflow run, from the last epoch's checkpoint where the trial has one
-(`pipelines.trial.can_resume`), and counts itself in the tag `slimtune.resumed`; one whose run
+continues the same MLflow run, from its last epoch's checkpoint (`pipelines.checkpoint.TrialState`),
+and counts itself in the tag `slimtune.resumed`; one whose run
 already FINISHED reports that run's results instead of running again. A
 trial the scheduler stops (Ray raises SystemExit inside `tune.report`) ends KILLED with the tag
 `stopped_at_epoch`.

@@ -19,6 +19,7 @@ from pipelines.data import (
     batches,
     load_data,
     normalize,
+    num_batches,
     prepare_animal_mnist,
 )
 
@@ -259,9 +260,18 @@ def test_normalize_values() -> None:
 
 
 def test_batches_without_shuffle_keep_order() -> None:
-    split = Split(images=torch.zeros(5, 3, 4, 4, dtype=torch.uint8), labels=torch.arange(5))
-    got = [(y.tolist(), i.tolist()) for _, y, i in batches(split, batch_size=2)]
-    assert got == [([0, 1], [0, 1]), ([2, 3], [2, 3]), ([4], [4])]
+    split = Split(images=torch.zeros(6, 3, 4, 4, dtype=torch.uint8), labels=torch.arange(6))
+    got = [(y.tolist(), i.tolist()) for _, y, i in batches(split, batch_size=4)]
+    assert got == [([0, 1, 2, 3], [0, 1, 2, 3]), ([4, 5], [4, 5])]
+
+
+@pytest.mark.parametrize(("images", "batch_size", "sizes"), [(5, 2, [2, 3]), (9, 4, [4, 5]), (8, 4, [4, 4]), (1, 4, [1]), (3, 1, [1, 1, 1])])
+def test_a_last_batch_of_one_image_joins_the_one_before(images: int, batch_size: int, sizes: list[int]) -> None:
+    """Train-mode BatchNorm cannot normalise one image's 1 x 1 maps: such a batch joins the previous one."""
+    split = Split(images=torch.zeros(images, 3, 4, 4, dtype=torch.uint8), labels=torch.arange(images))
+    got = list(batches(split, batch_size=batch_size, shuffle=True, seed=1))
+    assert [len(y) for _, y, _ in got] == sizes and num_batches(images, batch_size=batch_size) == len(sizes)
+    assert sorted(torch.cat([i for _, _, i in got]).tolist()) == list(range(images))
 
 
 @pytest.fixture(scope="module")

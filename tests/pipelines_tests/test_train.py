@@ -110,9 +110,9 @@ def test_train_one_epoch_raises_on_nan_and_does_not_step() -> None:
     def nan_loss(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"total": logits.sum() * float("nan")}
 
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError, match="at step 1 of epoch 3: the fine-tune diverged; lower the learning rate"):
         train_one_epoch(
-            model, make_split(), loss_fn=nan_loss, optimizer=optimizer, scheduler=scheduler, batch_size=4, seed=0
+            model, make_split(), loss_fn=nan_loss, optimizer=optimizer, scheduler=scheduler, batch_size=4, seed=0, epoch=3
         )
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

@@ -1,6 +1,7 @@
 """`run_trial` in process, on a tiny real teacher: what a trial reports, and what it reproduces."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -83,16 +84,38 @@ class _Died(Exception):
     pass
 
 
-@pytest.mark.parametrize("died_after", [2, 3], ids=["mid-training", "after-the-last-epoch"])
-def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(teacher: dict, died_after: int) -> None:
+_SOURCE_KD = {"source_kd": {"weight": 0.5, "temperature": 4.0}}
+_RESUMABLE = [
+    # The sparsity epoch is epoch 1: the checkpoint must count it.
+    pytest.param(replace(TARGET, bn_sparsity=1e-4), 2, id="one-shot-mid-training"),
+    pytest.param(replace(TARGET, bn_sparsity=1e-4), 3, id="one-shot-after-the-last-epoch"),
+    # Round 1 is epoch 1, round 2 epochs 2-3: dies mid-round 2, with the round-1 model kept for a
+    # revert and the source-KD head and AFD attention trained since epoch 1.
+    pytest.param(
+        replace(TARGET, schedule="iterative", rounds=2, max_drop=0.0, losses={**_SOURCE_KD, "afd": {"weight": 0.1}}),
+        2,
+        id="iterative-source-kd-afd-mid-round-2",
+    ),
+    # Dies at the end of round 1, before the schedule decided on it; trajectory snapshots are still needed.
+    pytest.param(
+        replace(TARGET, schedule="iterative", rounds=2, criterion="trajectory", losses={"l2sp": {"alpha": 0.1, "beta": 0.01}, "delta": {"weight": 0.1}}),
+        1,
+        id="iterative-trajectory-l2sp-delta-at-a-round-end",
+    ),
+    pytest.param(replace(TARGET, densities={"stride_8": 0.5, "stride_16": 0.5}), 2, id="gated-mid-training"),
+]
+
+
+@pytest.mark.parametrize(("params", "died_after"), _RESUMABLE)
+def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(teacher: dict, params: TrialParams, died_after: int) -> None:
     """The process 'dies' right after epoch `died_after` was checkpointed; the resumed trial runs
     only the later epochs and ends with the same metrics and weights, bit for bit."""
     from safetensors.torch import load_file
 
     finetune = replace(FINETUNE, epochs=3)
-    params = replace(TARGET, bn_sparsity=1e-4)  # the sparsity epoch is epoch 1: the checkpoint must count it
-    uninterrupted, _ = _run(teacher, params, "whole", finetune=finetune)
-    checkpoint = teacher["work"] / f"checkpoint-{died_after}"
+    work = teacher["work"] / f"resume-{abs(hash((str(params), died_after)))}"
+    uninterrupted, whole_epochs = _run(teacher, params, f"{work.name}/whole", finetune=finetune)
+    checkpoint = work / "checkpoint"
 
     def die(metrics: dict) -> None:
         if metrics["epoch"] == died_after:
@@ -101,19 +124,72 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(teache
     with pytest.raises(_Died):
         run_trial(
             params, data=teacher["data"], model=ModelConfig(), finetune=finetune, teacher_dir=teacher["dir"],
-            output_dir=teacher["work"] / "died", on_epoch_end=die, checkpoint_dir=checkpoint,
+            output_dir=work / "died", on_epoch_end=die, checkpoint_dir=checkpoint,
         )  # fmt: skip
-    resumed, epochs = _run(teacher, params, f"resumed-{died_after}", finetune=finetune, resume_from=checkpoint)
+    resumed, epochs = _run(teacher, params, f"{work.name}/resumed", finetune=finetune, resume_from=checkpoint)
     assert [e["epoch"] for e in epochs] == list(range(died_after + 1, 4))
+    assert epochs == whole_epochs[died_after:]
     assert resumed == uninterrupted
-    whole, again = load_file(teacher["work"] / "whole" / "model.safetensors"), load_file(teacher["work"] / f"resumed-{died_after}" / "model.safetensors")
+    whole, again = load_file(work / "whole" / "model.safetensors"), load_file(work / "resumed" / "model.safetensors")
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
 
 
-def test_only_trials_whose_state_a_checkpoint_holds_resume(teacher: dict) -> None:
-    from pipelines.trial import can_resume
+def test_a_source_kd_head_is_trained_across_rounds_not_rebuilt(teacher: dict) -> None:
+    """One head for the whole trial: after round 2's cut it still holds what round 1 taught it."""
+    from pipelines.distill import ExtraHead
 
-    assert can_resume(TARGET) and not can_resume(replace(TARGET, schedule="iterative"))
-    assert not can_resume(replace(TARGET, losses={"l2sp": {"alpha": 0.1, "beta": 0.01}}))
-    with pytest.raises(ValueError, match="resume_from needs"):
-        _run(teacher, replace(TARGET, schedule="iterative"), "refused", resume_from=teacher["work"] / "checkpoint-2")
+    heads: list[ExtraHead] = []
+    original = ExtraHead.remove
+    ExtraHead.remove = lambda self: (heads.append(self), original(self))[1]  # type: ignore[method-assign]
+    try:
+        _run(teacher, replace(TARGET, schedule="iterative", rounds=2, max_drop=1.0, losses=_SOURCE_KD), "two-rounds")
+    finally:
+        ExtraHead.remove = original  # type: ignore[method-assign]
+    assert len(heads) == 2 and heads[0] is heads[1]
+    assert heads[1].inputs is not None and len(heads[1].inputs) < heads[1].fc.in_features  # reads the kept inputs
+
+
+def _stages_and_groups(teacher: dict) -> tuple[list[str], list[str]]:
+    from pipelines.export import load_model
+    from pipelines.prune import prunable_groups
+
+    groups = prunable_groups(load_model(teacher["dir"])[0], image_size=teacher["data"].image_size)
+    return sorted({g.stage for g in groups}), [g.name for g in groups]
+
+
+# With _RESUMABLE, every criterion, parametrisation, schedule and loss runs in one real trial.
+_EVERY_CHOICE = [
+    replace(TARGET, criterion="bn_gamma"),
+    replace(TARGET, criterion="activation", class_weighted=True),
+    replace(TARGET, criterion="taylor", min_channels=16),
+    replace(TARGET, parametrisation="group", budget={"keep.*": 0.5}),
+    replace(TARGET, parametrisation="stage", budget={"keep.*": 0.5}),
+    replace(TARGET, parametrisation="theta", budget={"theta": 0.3}),
+    replace(TARGET, parametrisation="global_percentile", criterion="bn_gamma", budget={"percentile": 0.5}),
+    replace(TARGET, schedule="priority", rounds=2),
+]
+
+
+def test_every_registered_choice_is_run_by_a_trial_here() -> None:
+    from pipelines.budgets import BUDGETS
+    from pipelines.distill import LOSSES
+    from pipelines.importance import CRITERIA
+    from pipelines.schedules import SCHEDULES
+
+    params = _EVERY_CHOICE + [p.values[0] for p in _RESUMABLE]
+    assert {p.criterion for p in params} == set(CRITERIA.names())
+    assert {p.parametrisation for p in params} == set(BUDGETS.names())
+    assert {p.schedule for p in params} == set(SCHEDULES.names())
+    assert set().union(*(p.losses for p in params)) == set(LOSSES.names())
+
+
+@pytest.mark.parametrize("params", _EVERY_CHOICE, ids=lambda p: f"{p.criterion}-{p.parametrisation}-{p.schedule}")
+def test_a_trial_with_each_choice_prunes_trains_and_reports(teacher: dict, params: TrialParams) -> None:
+    stages, groups = _stages_and_groups(teacher)
+    if "keep.*" in params.budget:
+        names = groups if params.parametrisation == "group" else stages
+        params = replace(params, budget=dict.fromkeys(names, params.budget["keep.*"]))
+    metrics, epochs = _run(teacher, params, f"choice-{params.criterion}-{params.parametrisation}-{params.schedule}")
+    assert [e["epoch"] for e in epochs] == [1, 2] and metrics["train_epochs_used"] == 2
+    assert 0 < metrics["macs_ratio"] < 1 and metrics["keep_min"] < 1
+    assert all(math.isfinite(v) for v in metrics.values())

@@ -86,6 +86,9 @@ _BAD: list[Any] = [
         id="unknown-weights",
     ),
     pytest.param(setting("search.sampler", "bayes"), ("search.sampler: expected one of gp, tpe, nsga2, random", "'bayes'"), id="unknown-sampler"),
+    pytest.param(
+        setting("search.metric", "f1"), ("search.metric: expected one of accuracy, balanced_accuracy", "'f1'"), id="unknown-metric"
+    ),
     pytest.param(setting("search.budgets.target_macs", 0), ("search.budgets.target_macs: 0 is outside (0, 1]",), id="target-macs-0"),
     pytest.param(setting("search.budgets.target_macs", [0.1, 1.5]), ("search.budgets.target_macs: 1.5 is outside (0, 1]",), id="target-macs-above-1"),
     pytest.param(setting("search.budgets.depth_tilt", [-9, 1]), ("search.budgets.depth_tilt: -9 is outside [-5, 5]",), id="depth-tilt-too-steep"),
