@@ -117,7 +117,8 @@ class ChannelGate(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = F.relu(self.predictor(x.mean(dim=(2, 3))))
         scores = g.masked_fill(self.static, math.inf).masked_fill(self.pruned, -math.inf)
-        mask = torch.zeros_like(g, dtype=torch.bool).scatter_(1, scores.topk(self.kept, dim=1).indices, True)
+        top = scores.topk(self.kept, dim=1).indices
+        mask = torch.zeros_like(g, dtype=torch.bool).scatter(1, top, torch.ones_like(top, dtype=torch.bool))  # out of place: TorchScript's ONNX exporter traces it
         self.last_mask, self.last_saliency = mask, g
         return self.bn(self.conv(x))
 

@@ -15,7 +15,7 @@ __all__ = [
 # other torchvision classifier goes through `pipelines.preflight` before its teacher is trained.
 TESTED_ARCHS = (
     "resnet18", "resnet34", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-    "vgg11_bn", "densenet121", "googlenet", "convnext_tiny",
+    "vgg11_bn", "densenet121", "googlenet", "convnext_tiny", "regnet_y_400mf",
 )
 # Built without weights, these get what their pretrained builds have: no auxiliary heads (slimtune
 # never trains or exports them) and no slow initialisation (overwritten by the weights anyway).

@@ -1,7 +1,8 @@
 """Structural pruning with Torch-Pruning's dependency graph, one keep ratio per dependency group.
 
 Channels tied together by a residual add, a depthwise convolution or a concatenation form one
-group: they share one keep ratio and one index set. A group is named after the first layer (in
+group: they share one keep ratio and one index set. Groups that pass through a grouped (not
+depthwise) convolution are not prunable: they stay whole. A group is named after the first layer (in
 the model's definition order) whose output channels it prunes, e.g. `features.2.conv.0.0`; the
 same names appear in the space YAML, in MLflow params and in the exported channel spec.
 A group's *stage* is `stride_<s>`, s being the downsampling of that layer's output w.r.t. the
@@ -53,12 +54,19 @@ def _dependency_graph(model: nn.Module, image_size: int) -> tp.DependencyGraph:
         model.train(was_training)
 
 
+def _grouped(module: nn.Module) -> bool:
+    """A grouped convolution that is not depthwise (whose groups hold several channels)."""
+    return isinstance(module, nn.Conv2d) and 1 < module.groups < module.in_channels
+
+
 def _named_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[tuple[str, tp.dependency.Group]]:
     order = {module: i for i, (_, module) in enumerate(model.named_modules())}
     names = {module: name for name, module in model.named_modules()}
     head = model.get_submodule(head_name(model))
     named = []
     for group in graph.get_all_groups(ignored_layers=[head], root_module_types=(nn.Conv2d, nn.Linear)):
+        if any(_grouped(dep.target.module) for dep, _ in group):
+            continue  # kept whole: Torch-Pruning's per-channel pruning breaks the groups of a grouped conv (RegNet's)
         pruned_outputs = [
             dep.target.module
             for dep, _ in group

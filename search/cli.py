@@ -18,6 +18,7 @@ EXAMPLES = """examples:
   slimtune pareto quickstart                             # the accuracy-vs-MACs front of the newest finished search
   slimtune runs quickstart --sort val                    # every trial: status, MACs target, accuracies, front
   slimtune fetch quickstart --max-macs 12M -o model/     # the best front model under 12M MACs
+  slimtune fetch quickstart --alias knee -o model/       # the registered front model with alias knee
   slimtune methods                                       # every criterion, parametrisation, schedule, loss
 """
 
@@ -93,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="list every trial of a search: status, knobs, accuracies, MACs, front membership",
         description="One line per trial of the newest finished search of EXPERIMENT (or --search): finished, stopped"
         " (by successive halving), failed or killed; what it started from; its MACs target; proxy / val / test"
-        " accuracy (and val / test balanced accuracy when it is the search's metric); MACs; params; whether it is on the front.",
+        " accuracy (and val / test balanced accuracy when it is the search's metric); MACs; params; for front members, the"
+        " CPU latency at batch 1 in torch and onnxruntime (ms; batch 32 in --json and --sort); whether it is on the front.",
         epilog="examples:\n  slimtune runs quickstart\n  slimtune runs quickstart --sort val\n  slimtune runs quickstart --json > trials.json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -105,16 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = commands.add_parser(
         "fetch",
-        help="download the most accurate Pareto model under a MACs budget",
+        help="download the most accurate Pareto model under a MACs budget, or a registered one by alias",
         description="Write model.safetensors + channel_spec.json + config.yaml + the per-class table and confusion"
         " matrices (per_class.csv, class_report.json), and the same network as model.onnx, of the front model with the"
         " best val accuracy (balanced accuracy with search.metric: balanced_accuracy) among those with at most"
-        " --max-macs MACs (multiply-accumulates per image).",
-        epilog="example:\n  slimtune fetch quickstart --max-macs 12M -o my_model/",
+        " --max-macs MACs (multiply-accumulates per image), or of the version of registered model EXPERIMENT that"
+        " --alias names (best, smallest, knee, under-0p1x, ...: they follow the newest published front).",
+        epilog="examples:\n  slimtune fetch quickstart --max-macs 12M -o my_model/\n  slimtune fetch quickstart --alias knee -o my_model/",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     fetch.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
-    fetch.add_argument("--max-macs", required=True, metavar="N", help="MACs budget per image, e.g. 12M, 800K, 1.5G")
+    choice = fetch.add_mutually_exclusive_group(required=True)
+    choice.add_argument("--max-macs", metavar="N", help="MACs budget per image, e.g. 12M, 800K, 1.5G")
+    choice.add_argument("--alias", metavar="NAME", help="an alias of the registered model EXPERIMENT: best, smallest, knee, under-<budget>x")
     fetch.add_argument("-o", "--to", default="slimtune-model", metavar="DIR", help="where to write the model (default: ./slimtune-model)")
     _add_search_arg(fetch)
     _add_store_args(fetch)
@@ -286,10 +291,14 @@ def _fetch(args: argparse.Namespace) -> None:
     from search._helpers import format_accuracies, format_count, parse_macs
     from search.front import choose_under_budget
 
-    budget = parse_macs(args.max_macs)
-    tracker = _tracker(args)
-    front = _load_front(args, tracker)
-    chosen = choose_under_budget(front.front, budget, metric=front.metric)
+    if args.alias is not None:
+        tracker = _tracker(args)
+        chosen, metric = _registered(args, tracker)
+    else:
+        budget = parse_macs(args.max_macs)
+        tracker = _tracker(args)
+        front = _load_front(args, tracker)
+        chosen, metric = choose_under_budget(front.front, budget, metric=front.metric), front.metric
     destination = Path(args.to)
     trial = chosen.tags.get("slimtune.trial_id")
     needed = _artifact_bytes(tracker.client, chosen.run_id, "model")
@@ -324,7 +333,7 @@ def _fetch(args: argparse.Namespace) -> None:
         raise UsageError(f"-o {destination}: cannot download the model of trial {trial} (MLflow run {chosen.run_id}): {cause}; nothing was written") from None
     m = chosen.metrics
     print(
-        f"wrote {destination}/ : trial {trial}, {format_accuracies(m, front.metric)},"
+        f"wrote {destination}/ : trial {trial}, {format_accuracies(m, metric)},"
         f" {format_count(m['macs'])} MACs, {format_count(m['params'])} params"
     )
     if isinstance(onnx_failure, OSError):  # the disk filled while exporting: the model is complete, the ONNX copy is not there
@@ -336,6 +345,17 @@ def _fetch(args: argparse.Namespace) -> None:
         print(f"wrote {destination / ONNX_FILE} (dynamic batch; mean, std, classes and image_size in its metadata)")
     else:
         print(f"{destination / ONNX_FILE}: not written, the ONNX exporter failed ({type(onnx_failure).__name__}); the safetensors model is complete")
+
+
+def _registered(args: argparse.Namespace, tracker):
+    """The trial run that `--alias` names in registered model EXPERIMENT, and its search's metric."""
+    from search.registry import OBJECTIVE_TAG, resolve_alias
+
+    if args.search is not None:
+        raise UsageError("--search: not with --alias (an alias names one registered version, whichever search it came from); use --max-macs")
+    version = resolve_alias(tracker.client, name=args.experiment, alias=args.alias)
+    print(f"registered model {args.experiment!r} version {version.version} (alias {args.alias}, models:/{args.experiment}@{args.alias})")
+    return tracker.get(version.run_id), version.tags.get(OBJECTIVE_TAG, "val_accuracy").removeprefix("val_")
 
 
 def _artifact_bytes(client, run_id: str, path: str) -> int:

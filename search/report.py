@@ -148,7 +148,10 @@ def plot_front(
 
 
 # Every column `runs` can sort by; val_bal / test_bal (balanced accuracy) are shown when it is the objective.
-RUN_COLUMNS = ("trial", "status", "from", "target", "val", "test", "val_bal", "test_bal", "proxy", "macs", "x_teacher", "params", "front")
+# The latency columns (CPU ms per batch, measured for front members only: search.latency) show batch 1;
+# batch 32 is in --json and --sort.
+_LATENCY_COLUMNS = {"torch_b1_ms": "latency_ms_torch_b1", "onnx_b1_ms": "latency_ms_onnx_b1", "torch_b32_ms": "latency_ms_torch_b32", "onnx_b32_ms": "latency_ms_onnx_b32"}
+RUN_COLUMNS = ("trial", "status", "from", "target", "val", "test", "val_bal", "test_bal", "proxy", "macs", "x_teacher", "params", *_LATENCY_COLUMNS, "front")
 _STATUS = {"FINISHED": "finished", "KILLED": "stopped", "FAILED": "failed", "RUNNING": "running"}
 
 
@@ -175,6 +178,7 @@ def run_rows(trials: Sequence[RunRecord], *, front: Sequence[RunRecord]) -> list
                 "macs": m.get("macs"),
                 "x_teacher": m.get("macs_ratio"),
                 "params": m.get("params"),
+                **{column: m.get(metric) for column, metric in _LATENCY_COLUMNS.items()},
                 "front": run.run_id in members,
                 "run_id": run.run_id,
                 "knobs": dict(run.params),
@@ -186,8 +190,9 @@ def run_rows(trials: Sequence[RunRecord], *, front: Sequence[RunRecord]) -> list
 
 
 def run_columns(metric: str = "accuracy") -> tuple[str, ...]:
-    """The columns `runs` shows: the balanced-accuracy ones only when `metric` is balanced_accuracy."""
-    hidden = () if metric == "balanced_accuracy" else ("val_bal", "test_bal")
+    """The columns `runs` shows: the balanced-accuracy ones only when `metric` is balanced_accuracy;
+    batch-32 latency never (it is in --json and --sort)."""
+    hidden = ("torch_b32_ms", "onnx_b32_ms") + (() if metric == "balanced_accuracy" else ("val_bal", "test_bal"))
     return tuple(c for c in RUN_COLUMNS if c not in hidden)
 
 
@@ -199,6 +204,8 @@ def runs_table(rows: Sequence[dict], *, columns: Sequence[str] = run_columns()) 
             return "yes" if value else ""
         if column in ("macs", "params"):
             return format_count(float(value))
+        if column.endswith("_ms"):
+            return f"{value:.2f}"
         if isinstance(value, float):
             return f"{value:.3f}"
         return str(value)

@@ -278,8 +278,9 @@ def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInte
 
 
 def _publish_front(
-    tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout, *, epochs: int, seconds: float
+    tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout, *, epochs: int, seconds: float, log: Log
 ) -> None:
+    from search.registry import publish_front_registry
     from search.report import front_csv, front_json, front_rows, plot_front
 
     members = {r.run_id for r in front.front}
@@ -311,6 +312,7 @@ def _publish_front(
     }
     volumes = {"hypervolume": front.hypervolume, "anchors_hypervolume": front.anchors_hypervolume}
     tracker.log_metrics(parent_id, {**counts, **{k: v for k, v in volumes.items() if v is not None}})
+    publish_front_registry(tracker, front, name=experiment.name, budgets=experiment.search.alias_budgets, log=log)  # moves the aliases
 
 
 def run_search(
@@ -509,10 +511,14 @@ def _search(experiment: Experiment, splits: Any, *, layout: Layout, uri: str, st
         seconds += float(resume.metrics.get("trial_phase_seconds", 0.0)) if resume else 0.0
         front = front_of(tracker, tracker.get(parent_id))
         epochs = sum(int(r.metrics.get("epoch", 0)) for r in front.trials)
-        _publish_front(tracker, parent_id, front, experiment, layout, epochs=epochs, seconds=seconds)
+        _publish_front(tracker, parent_id, front, experiment, layout, epochs=epochs, seconds=seconds, log=log)
         if front.hypervolume is not None:
             versus = f", uniform anchors alone {front.anchors_hypervolume:.3f}" if front.anchors_hypervolume is not None else ""
             log(f"search: {epochs} fine-tune epochs; hypervolume {front.hypervolume:.3f} (test {front.metric.replace('_', ' ')} of the front){versus}")
+        if interrupted is None:  # an interrupted search exits at once; its resume measures the front
+            from search.latency import measure_front_latency
+
+            measure_front_latency(tracker, front.front, log=log)
         if interrupted is not None:
             tracker.set_tags(parent_id, {INTERRUPTED_TAG: signal.Signals(interrupted.signum).name})
             tracker.end_run(parent_id, "KILLED")

@@ -112,6 +112,10 @@ class SearchConfig:
     gating_density: Range | None = None  # AFS dynamic gating: per-stage density range; null = no gating
     gating_warmup: int = 0  # epochs stepping the density down from 1 (FBS); 0 = the target from the start
     class_weighted: bool = False  # TASCNet: class-weighted cross-entropy
+    # MACs budgets (fractions of the teacher's MACs) that get a registry alias under-<b>x (0.1 ->
+    # under-0p1x): the best front member within each. Half, a quarter, a tenth: one alias per common
+    # deployment question ("how good at half the cost?"); a budget no member meets gets none.
+    alias_budgets: list[float] = field(default_factory=lambda: [0.5, 0.25, 0.1])
 
     @property
     def objective(self) -> str:
@@ -405,6 +409,9 @@ def validate(experiment: Experiment) -> Experiment:
     for i, ratio in enumerate(search.uniform_anchors):
         if not 0 < ratio <= 1:
             raise SpaceError(f"search.uniform_anchors[{i}]: {ratio:g} is outside (0, 1]")
+    for i, ratio in enumerate(search.alias_budgets):
+        if not 1e-6 <= ratio <= 1:
+            raise SpaceError(f"search.alias_budgets[{i}]: {ratio:g} is outside [1e-06, 1] (fractions of the teacher's MACs)")
     _check_range(search.kd_alpha, "search.kd_alpha", low=0, high=1)
     _check_range(search.kd_temperature, "search.kd_temperature", low=0, high=100, open_low=True)
     _check_range(search.lr, "search.lr", low=0, high=10, open_low=True)

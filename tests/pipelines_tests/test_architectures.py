@@ -43,7 +43,6 @@ def test_a_tested_architecture_prunes_trains_exports_and_counts_its_macs(arch: s
     [
         ("squeezenet1_0", 32, "build it with a new classifier"),  # a Conv2d classifier, no nn.Linear
         ("shufflenet_v2_x1_0", 32, "trace its prunable channel groups"),  # channel shuffle
-        ("regnet_y_400mf", 32, "prune every group to half"),  # grouped convolutions of width 8
         ("inception_v3", 64, "trace its prunable channel groups"),  # needs at least 75 px
         ("swin_t", 32, "have no attention layers"),  # attention MACs are not counted
     ],
@@ -55,3 +54,12 @@ def test_the_preflight_refuses_an_architecture_naming_the_step(arch: str, image_
 
 def test_the_preflight_passes_googlenet_with_its_recorded_input_transform() -> None:
     check_architecture("googlenet", image_size=SIZE, num_classes=3)
+
+
+def test_groups_through_a_grouped_convolution_stay_whole() -> None:
+    """RegNet's bottlenecks run grouped convolutions (8 channels a group): those groups are kept,
+    the residual streams between them are pruned."""
+    model = build_model(ModelConfig(arch="regnet_y_400mf", weights=None), num_classes=5)
+    names = {g.name for g in prunable_groups(model, image_size=SIZE)}
+    assert "trunk_output.block1.block1-0.f.b.0" not in names and "trunk_output.block1.block1-0.f.a.0" not in names
+    assert any(name.startswith("trunk_output.block4") for name in names)

@@ -259,6 +259,16 @@ def fetch(budget: str, *, to: Callable[[Context], str] | None = None, keeps_dest
     return setup
 
 
+def fetch_alias(alias: str) -> Setup:
+    """`fetch --alias` from the finished search, which registered nothing (made before the registry)."""
+
+    def setup(ctx: Context) -> list[str]:
+        ctx.watched += [ctx.store.runs, ctx.tmp]
+        return ["fetch", NAME, "--alias", alias, "-o", "model", "--output", str(ctx.store.runs)]
+
+    return setup
+
+
 def small_disk(size: str) -> Callable[[Context], str]:
     """A file system of `size` (the fetched model is 45 MB, its ONNX copy as much again) whose
     destination folder already holds a file of the user's."""
@@ -345,6 +355,7 @@ CASES = [
     ),  # fmt: skip
     row("fetch-planted-pickle", fetch("250K"), "/model/model.pt: refusing to load a model folder that holds this file", "never pickles"),
     row("fetch-pickle-as-safetensors", fetch("350K"), "/model/model.safetensors: not a safetensors file"),
+    row("fetch-alias-without-a-registered-model", fetch_alias("knee"), "--alias: no registered model 'corpus' in this store", "fetch with --max-macs"),
 ]
 
 

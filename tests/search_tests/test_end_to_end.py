@@ -121,6 +121,90 @@ def test_fetch_returns_the_logged_model(searched: dict) -> None:
     assert chosen and accuracy == pytest.approx(chosen[0].metrics["test_accuracy"], abs=1e-6)
 
 
+def _front_members(searched: dict) -> list:
+    tracker: Tracker = searched["tracker"]
+    return [r for r in tracker.children(searched["search_id"], role="trial") if r.tags[PARETO_TAG] == "true"]
+
+
+def test_each_front_member_is_one_registered_version_with_the_right_aliases(searched: dict) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from search.registry import alias_name
+
+    tracker: Tracker = searched["tracker"]
+    client = MlflowClient(tracking_uri=tracker.tracking_uri)  # a plain client, as any MLflow user reads it
+    front = _front_members(searched)
+    versions = client.search_model_versions("name = 'tiny'")  # the registered model is named after the experiment
+    assert sorted(v.run_id for v in versions) == sorted(r.run_id for r in front)  # one version per member, no more
+    trial_of = {r.run_id: r.tags["slimtune.trial_id"] for r in front}
+    for version in versions:
+        assert version.source == f"runs:/{version.run_id}/model" and version.tags["slimtune.trial_id"] == trial_of[version.run_id]
+        assert version.tags["slimtune.objective"] == "val_accuracy" and version.tags["slimtune.on_front"] == "true"
+
+    def best(runs: list) -> str:
+        return max(runs, key=lambda r: (r.metrics["val_accuracy"], -r.metrics["macs"])).run_id
+
+    (teacher,) = tracker.children(searched["search_id"], role="teacher")
+    expected = {"best": best(front), "smallest": min(front, key=lambda r: r.metrics["macs"]).run_id}
+    for budget in (0.5, 0.25, 0.1):  # search.alias_budgets' default
+        fitting = [r for r in front if r.metrics["macs"] <= budget * teacher.metrics["macs"]]
+        if fitting:
+            expected[alias_name(budget)] = best(fitting)
+        else:
+            assert f"no front member has at most {budget:g}x the teacher's MACs: no alias {alias_name(budget)}" in searched["stdout"]
+    aliases = client.get_registered_model("tiny").aliases
+    assert set(aliases) == {*expected, "knee"}
+    for alias, run_id in expected.items():
+        assert client.get_model_version_by_alias("tiny", alias).run_id == run_id, alias
+    assert client.get_model_version_by_alias("tiny", "knee").run_id in trial_of
+    assert f"registry: registered model 'tiny': {len(front)} new version(s), 0 kept; aliases best v" in searched["stdout"]
+
+
+def test_fetch_alias_writes_what_max_macs_writes_for_that_member(searched: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.export
+    from search.cli import main
+
+    work: Path = searched["work"]
+    tracker: Tracker = searched["tracker"]
+    store = ["--output", str(work / "slimtune-runs")]
+    assert main(["fetch", "tiny", "--alias", "knee", "-o", str(work / "knee"), *store]) == 0
+    out = capsys.readouterr().out
+    knee = tracker.get(tracker.client.get_model_version_by_alias("tiny", "knee").run_id)
+    assert "(alias knee, models:/tiny@knee)" in out and f"trial {knee.tags['slimtune.trial_id']}" in out
+    names = sorted(p.name for p in (work / "knee").iterdir())
+    assert "model.onnx" in names and "model.safetensors" in names
+    by_budget = work / "knee-by-budget"  # --max-macs at exactly its MACs chooses that front member
+    monkeypatch.setattr(pipelines.export, "export_onnx", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("skipped")))  # written above already
+    assert main(["fetch", "tiny", "--max-macs", repr(knee.metrics["macs"]), "-o", str(by_budget), *store]) == 0
+    assert sorted(p.name for p in by_budget.iterdir()) == [name for name in names if name != "model.onnx"]
+    for name in names:
+        if name != "model.onnx":
+            assert (work / "knee" / name).read_bytes() == (by_budget / name).read_bytes(), name
+
+    assert main(["fetch", "tiny", "--alias", "elbow", "-o", str(work / "elbow"), *store]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--alias: 'elbow' is not an alias of registered model 'tiny'; its aliases: best, knee, smallest" in err
+    assert not (work / "elbow").exists()
+
+
+def test_a_models_uri_with_an_alias_downloads_with_plain_mlflow_and_loads(searched: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+
+    tracker: Tracker = searched["tracker"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # set_tracking_uri sets it: restored afterwards
+    previous = mlflow.tracking._tracking_service.utils._tracking_uri
+    mlflow.set_tracking_uri(tracker.tracking_uri)  # the registry follows the tracking URI (download_artifacts' own tracking_uri= does not)
+    try:
+        path = mlflow.artifacts.download_artifacts("models:/tiny@knee", dst_path=str(tmp_path))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    model, spec = load_model(path)
+    knee = tracker.get(tracker.client.get_model_version_by_alias("tiny", "knee").run_id)
+    assert spec["metrics"]["macs"] == knee.metrics["macs"]
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, spec["image_size"], spec["image_size"])).shape == (2, len(spec["classes"]))
+
+
 def test_fetch_under_too_small_budget_is_a_one_line_error(searched: dict) -> None:
     result = _slimtune("fetch", "tiny", "--max-macs", "1K", cwd=searched["work"])
     assert result.returncode == 2
@@ -143,6 +227,7 @@ def test_corrupt_teacher_fails_every_trial_but_the_search_completes(searched: di
     result = _slimtune("search", "tiny.yaml", "--num-trials", "2", cwd=work)
     assert result.returncode == 1, result.stdout[-2000:]
     assert "no trial finished" in result.stderr
+    assert "registry: the front is empty: registered model 'tiny' and its aliases unchanged" in result.stdout
     search = tracker.latest_search()
     assert search.run_id != before.run_id and search.status == "FINISHED"
     trials = tracker.children(search.run_id, role="trial")
@@ -245,3 +330,40 @@ def test_an_architecture_the_preflight_refuses_is_a_one_line_error_before_anythi
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr[-2000:]
     assert "model.arch: squeezenet1_0 fails the pre-flight at 'build it with a new classifier" in result.stderr
     assert tracker.latest_search().run_id == before  # no parent run, no teacher, no trial
+
+
+def test_front_members_get_cpu_latency_metrics_once_and_runs_shows_them(searched: dict) -> None:
+    import json
+
+    from pipelines.latency import BATCHES, RUNTIMES, metric_name
+    from search.latency import CPU_TAG, LATENCY_PREFIX, THREADS_TAG, measure_front_latency
+    from search.report import run_columns, runs_table
+
+    tracker: Tracker = searched["tracker"]
+    trials = tracker.children(searched["search_id"], role="trial")
+    members = [r for r in trials if r.tags[PARETO_TAG] == "true"]
+    assert members and f"latency: measuring {len(members)} front model(s) on the CPU (1 thread;" in searched["stdout"]
+    names = {metric_name(runtime, batch, stat=stat) for runtime in RUNTIMES for batch in BATCHES for stat in ("median", "p90")}
+    for run in trials:
+        latency = {k: v for k, v in run.metrics.items() if k.startswith(LATENCY_PREFIX)}
+        if run in members:
+            assert set(latency) == names and all(v > 0 for v in latency.values()), run.tags["slimtune.trial_id"]
+            assert run.tags[THREADS_TAG] == "1" and run.tags[CPU_TAG]
+            assert f"  trial {run.tags['slimtune.trial_id']}: torch " in searched["stdout"]
+        else:
+            assert latency == {}
+    said: list[str] = []
+    assert measure_front_latency(tracker, members, log=said.append) == 0 and said == []  # a re-published front is not re-measured
+    result = _slimtune("runs", "tiny", "--json", "--sort", "torch_b1_ms", "--search", searched["search_id"], cwd=searched["work"])
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    for row in rows:
+        values = [row[c] for c in ("torch_b1_ms", "onnx_b1_ms", "torch_b32_ms", "onnx_b32_ms")]
+        assert all(v > 0 for v in values) if row["front"] else values == [None] * 4
+    timed = [row["torch_b1_ms"] for row in rows if row["front"]]
+    assert [row["front"] for row in rows] == sorted((row["front"] for row in rows), reverse=True) and timed == sorted(timed)  # unmeasured last
+    lines = runs_table(rows, columns=run_columns()).splitlines()
+    assert "torch b1 ms" in lines[0] and "onnx b1 ms" in lines[0] and "b32" not in lines[0]
+    start = lines[0].index("torch b1 ms")
+    cells = [line[start:].split()[0] for line in lines[2:]]  # blank ("-") for trials off the front
+    assert [cell != "-" for cell in cells] == [row["front"] for row in rows] and all(float(c) > 0 for c in cells if c != "-")

@@ -104,6 +104,10 @@ _BAD: list[Any] = [
     ),
     pytest.param(setting("search.epoch_budget", 2), ("search.epoch_budget: 2 is below one trial's epochs (3)",), id="epoch-budget-below-a-trial"),
     pytest.param(setting("search.importance", "l9"), ("search.importance: unknown criterion 'l9'", "valid: activation, bn_gamma, l1, taylor, trajectory"), id="unknown-importance"),
+    pytest.param(
+        setting("search.alias_budgets", [0.5, 1.5]), ("search.alias_budgets[1]: 1.5 is outside [1e-06, 1]",), id="alias-budget-above-1"
+    ),
+    pytest.param(setting("search.alias_budgets", "half"), ("search.alias_budgets[0]: expected a number", "'half'"), id="alias-budget-not-a-number"),
     pytest.param(setting("search.num_trials", 0), ("search.num_trials: must be at least 1, got 0",), id="num-trials-0"),
     pytest.param(setting("search.max_concurrent", 0), ("search.max_concurrent: must be at least 1, got 0",), id="max-concurrent-0"),
     pytest.param(setting("search.cpus_per_trial", 0), ("search.cpus_per_trial: must be > 0, got 0",), id="cpus-per-trial-0"),
