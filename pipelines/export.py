@@ -11,6 +11,7 @@ sizes, static and pruned channels. Loading re-adds the gates before loading the 
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -172,18 +173,35 @@ def load_model(directory: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def export_onnx(model: nn.Module, path: str | Path, *, spec: dict[str, Any]) -> Path:
     """`model` as one ONNX file with a dynamic batch axis; normalisation, class names and input
     size in its metadata (`mean`, `std`, `classes`, `image_size`, JSON). A gated model is computed
-    densely by an ONNX runtime (its MACs saving needs slimtune's gates)."""
+    densely by an ONNX runtime (its MACs saving needs slimtune's gates).
+
+    Exported with torch's TorchScript-based exporter, 6-45x faster here than the dynamo exporter
+    for the same graph (the same convolutions with BatchNorm folded in); a model it cannot trace
+    falls back to the dynamo exporter."""
+    import warnings
+
     import onnx
-    import torch
 
     path = Path(path)
     size = int(spec["image_size"])
     example = torch.zeros(2, 3, size, size)
-    program = torch.onnx.export(
-        model.eval().cpu(), (example,), input_names=["images"], output_names=["logits"],
-        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
-    )  # fmt: skip
-    program.save(str(path))
+    net = copy.deepcopy(model).eval().cpu()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # its deprecation notice and the tracer's notes
+            torch.onnx.export(
+                net, (example,), str(path), input_names=["images"], output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False,
+            )  # fmt: skip
+    except Exception:
+        path.unlink(missing_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on data-dependent shapes
+            program = torch.onnx.export(
+                net, (example,), input_names=["images"], output_names=["logits"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+            )  # fmt: skip
+        program.save(str(path))
     proto = onnx.load(str(path))
     for key in ("mean", "std", "classes", "image_size"):
         entry = proto.metadata_props.add()

@@ -9,12 +9,9 @@ Both use the same fixed number of threads (`torch.set_num_threads`, restored aft
 session's `intra_op_num_threads`; one inter-op thread): one by default, so that numbers do not
 depend on how many cores are free.
 
-The ONNX file is exported with torch's TorchScript-based exporter (`dynamo=False`) unless one is
-given: 0.3-2 s for a 64 px MobileNetV2 on 2 busy cores, 6-45x faster (side by side) than the
-dynamo exporter of `pipelines.export.export_onnx` (what `slimtune fetch` writes). Both give the
-same graph for these CNNs (the same convolutions with BatchNorm folded in, activations and adds;
-they write the pooling differently); a model it cannot trace falls back to the dynamo exporter. A
-gated model (`pipelines.gating`) runs densely in ONNX: its ONNX latency has no gating saving.
+The ONNX file, unless one is given, is exported by `pipelines.export.export_onnx`, as `slimtune
+fetch` writes it. A gated model (`pipelines.gating`) runs densely in ONNX: its ONNX latency has
+no gating saving.
 
 Measured once per model; these are wall times on a possibly busy machine: compare models measured
 side by side, not against another machine's numbers.
@@ -28,7 +25,6 @@ import platform
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,22 +180,7 @@ def _onnx_runner(model: nn.Module, image_size: int, threads: int, onnx_file: str
 
 
 def _export(model: nn.Module, path: Path, *, image_size: int) -> Path:
-    """The fast TorchScript-based exporter, dynamic batch; where it fails, `pipelines.export.export_onnx`
-    (see the module docstring)."""
     from pipelines.export import export_onnx
 
-    example = torch.zeros(2, 3, image_size, image_size)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # its deprecation notice and the tracer's notes
-            torch.onnx.export(
-                copy.deepcopy(model), (example,), str(path), input_names=["images"], output_names=["logits"],
-                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=18, dynamo=False,
-            )  # fmt: skip
-        return path
-    except Exception:
-        path.unlink(missing_ok=True)
     spec = {"image_size": image_size, "mean": None, "std": None, "classes": None}  # metadata of a file nobody reads
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on data-dependent shapes
-        return export_onnx(copy.deepcopy(model), path, spec=spec)
+    return export_onnx(model, path, spec=spec)

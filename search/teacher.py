@@ -12,7 +12,7 @@ from typing import Any
 
 from search._helpers import format_accuracies, format_count
 from search.layout import Layout
-from search.space import Experiment, to_dict
+from search.space import Experiment, SpaceError, to_dict
 from search.tracking import Tracker
 
 __all__ = ["ensure_teacher", "IMBALANCE_HINT"]
@@ -106,6 +106,9 @@ def ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker:
             try:
                 metrics, files = ray.get(task)
             except ray.exceptions.RayTaskError as error:
+                if isinstance(error.cause, FloatingPointError):  # not a bug: a setting that makes this data diverge
+                    where = str(error.cause).split(":")[0]  # "loss is nan at step 5 of epoch 1"
+                    raise SpaceError(f"teacher.lr: {experiment.teacher.lr:g} makes the teacher's fine-tune diverge ({where}); try a lower teacher.lr") from None
                 raise error.cause from None  # the task's own error (e.g. weights unavailable offline), not Ray's wrapper
             unpack(files, directory)
         tracker.log_metrics(run_id, {**metrics, "macs_ratio": 1.0}, step=experiment.teacher.epochs)

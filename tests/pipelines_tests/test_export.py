@@ -14,7 +14,7 @@ import torchvision
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipelines.export import MODEL_FILE, SPEC_FILE, load_model, save_model
+from pipelines.export import MODEL_FILE, SPEC_FILE, export_onnx, load_model, save_model
 from pipelines.prune import prunable_groups, prune_to_ratios
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,3 +161,29 @@ def test_onnx_export_matches_torch_logits_at_any_batch_and_carries_the_preproces
         assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected).max() < 1e-5
     metadata = session.get_modelmeta().custom_metadata_map
     assert json.loads(metadata["classes"]) == CLASSES and json.loads(metadata["image_size"]) == IMAGE_SIZE
+
+
+class _TopKMask(nn.Module):
+    """A gate's per-input top-k mask, scattered in place: TorchScript's tracer cannot export it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.conv(x).mean(dim=(2, 3))
+        mask = torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(2, dim=1).indices, True)
+        return torch.where(mask, g, 0.0)
+
+
+def test_a_model_the_torchscript_exporter_rejects_is_exported_with_the_dynamo_one(tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime
+
+    model = _TopKMask().eval()
+    path = export_onnx(model, tmp_path / "model.onnx", spec={"image_size": 16, "mean": None, "std": None, "classes": None})
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected).max() < 1e-6

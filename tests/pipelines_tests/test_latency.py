@@ -61,34 +61,6 @@ def test_a_runtime_that_fails_is_recorded_and_the_other_still_measured(tmp_path:
     assert set(latency.metrics()) == {"latency_ms_torch_b1", "latency_ms_torch_b1_p90"}
 
 
-class _TopKMask(nn.Module):
-    """A gate's per-input top-k mask, scattered in place: TorchScript's tracer cannot export it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = self.conv(x).mean(dim=(2, 3))
-        mask = torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(2, dim=1).indices, True)
-        return torch.where(mask, g, 0.0)
-
-
-def test_a_model_the_fast_exporter_rejects_is_exported_with_the_dynamo_one(tmp_path: Path) -> None:
-    import numpy as np
-    import onnxruntime
-
-    from pipelines.latency import _export
-
-    model = _TopKMask().eval()
-    path = _export(model, tmp_path / "model.onnx", image_size=16)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = model(x).numpy()
-    assert np.abs(session.run(None, {"images": x.numpy()})[0] - expected).max() < 1e-6
-
-
 @pytest.mark.parametrize("bad", [{"runtimes": ("tensorrt",)}, {"repeats": 0}, {"threads": 0}])
 def test_bad_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):

@@ -473,6 +473,19 @@ def test_a_diverging_trial_fails_alone_and_the_search_goes_on(tmp_path: Path, ca
     spec = json.loads(tracker.download(finished.run_id, f"model/{SPEC_FILE}", tmp_path / "spec").read_text())
     assert spec["classes"] == ["café au lait", "grey 16-bit", "mixed"]
 
+    # The same folder with a teacher that diverges: one line naming teacher.lr, nothing left RUNNING.
+    raw["teacher"].update(lr=10.0, weight_decay=10.0, batch_size=1)
+    (tmp_path / "diverge.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True))
+    code = main(["search", "diverge.yaml", "--output", "runs"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in out + err, (out[-3000:], err[-3000:])
+    assert re.fullmatch(r"slimtune: error: teacher\.lr: 10 makes the teacher's fine-tune diverge \(loss is \S+ at step \d+ of epoch 1\); try a lower teacher\.lr\n", err), err
+    diverged = tracker.latest_search()
+    assert diverged.run_id != search.run_id and diverged.status == "FAILED"
+    assert [r.status for r in tracker.children(diverged.run_id, role="teacher")] == ["FAILED"]
+    assert all(r.info.status != "RUNNING" for r in tracker.client.search_runs([tracker.experiment_id], max_results=50))
+    assert tracker.latest_search(status="FINISHED").run_id == search.run_id  # still the one pareto and fetch read
+
 
 # ---------------------------------------------------------------- the space loader, fuzzed
 

@@ -4,6 +4,8 @@ Tiny on purpose (20 images per class, 32 px, one epoch): this checks the plumbin
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from pipelines.config import DataConfig
 from pipelines.data import load_data, prepare_animal_mnist
 from pipelines.export import load_model
 from pipelines.train import evaluate
+from search.cli import main
 from search.tracking import PARETO_TAG, Tracker
 
 SLIMTUNE = [sys.executable, "-m", "search.cli"]
@@ -24,7 +27,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _slimtune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*SLIMTUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    """The CLI: a search as a process of its own (it starts Ray, and Ctrl-C is per process), every
+    other command through the same `main` in this process (starting one costs seconds)."""
+    if args[0] == "search":
+        return subprocess.run([*SLIMTUNE, *args], cwd=cwd, capture_output=True, text=True, timeout=900)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse's usage errors
+            code = exit.code if isinstance(exit.code, int) else 2
+    return subprocess.CompletedProcess([*SLIMTUNE, *args], code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,12 @@ def test_preset_validates(space: Path, workdir: Path) -> None:
     assert experiment.name == space.stem
 
 
-@pytest.mark.parametrize("space", SPACES, ids=lambda p: p.stem)
+# The default suite runs the quickstart and `full` (which searches every method); the four paper
+# presets run with `make test-slow`: each of their methods runs in a real trial in test_trial.py.
+_SMOKE = [space if space.stem in ("quickstart", "full") else pytest.param(space, marks=pytest.mark.slow) for space in SPACES]
+
+
+@pytest.mark.parametrize("space", _SMOKE, ids=lambda p: p.stem)
 def test_preset_smoke_runs(space: Path, workdir: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "search.cli", "search", str(_local_copy(space, workdir)), "--smoke-test", "--output", "runs"],
