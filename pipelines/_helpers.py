@@ -23,3 +23,9 @@ def probe_forward(model: nn.Module, modules: Iterable[nn.Module], hook: OutputHo
         for handle in handles:
             handle.remove()
         model.train(was_training)
+
+
+def error_line(error: BaseException) -> str:
+    """`ErrorType: its first non-empty line` (at most 200 characters of it): an error in one line."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:200] if lines else 'no message'}"

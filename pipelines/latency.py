@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipelines._helpers import error_line
+
 __all__ = ["RUNTIMES", "BATCHES", "WARMUP", "REPEATS", "THREADS", "Timing", "Latency", "measure_latency", "metric_name", "cpu_name"]
 
 RUNTIMES = ("torch", "onnxruntime")
@@ -122,8 +124,7 @@ def measure_latency(
                     times = _time(lambda: forward(x), warmup=warmup, repeats=repeats)
                     timings.append(Timing(runtime, batch, statistics.median(times), _p90(times)))
         except Exception as error:  # one runtime's failure (often the exporter's) must not hide the other's numbers
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            failures[runtime] = f"{type(error).__name__}: {lines[0][:200] if lines else 'no message'}"
+            failures[runtime] = error_line(error)
     return Latency(tuple(timings), threads=threads, warmup=warmup, repeats=repeats, cpu=cpu_name(), failures=failures)
 
 

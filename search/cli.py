@@ -287,6 +287,7 @@ def _runs(args: argparse.Namespace) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> None:
+    from pipelines._helpers import error_line
     from pipelines.export import ONNX_FILE
     from search._helpers import format_accuracies, format_count, parse_macs
     from search.front import choose_under_budget
@@ -329,7 +330,7 @@ def _fetch(args: argparse.Namespace) -> None:
     except Exception as error:  # MLflow's download reports a failed file (a disk that filled, a lost server) as its own error
         if isinstance(error, UsageError):
             raise
-        cause = "the disk filled up" if shutil.disk_usage(_nearest_folder(destination)).free < needed else _first_line(error)
+        cause = "the disk filled up" if shutil.disk_usage(_nearest_folder(destination)).free < needed else error_line(error)
         raise UsageError(f"-o {destination}: cannot download the model of trial {trial} (MLflow run {chosen.run_id}): {cause}; nothing was written") from None
     m = chosen.metrics
     print(
@@ -368,11 +369,6 @@ def _nearest_folder(path: Path) -> Path:
     while not path.is_dir() and path != path.parent:
         path = path.parent
     return path
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:200] if lines else 'no message'}"
 
 
 def _write_onnx(directory: Path, *, run_id: str) -> Exception | None:

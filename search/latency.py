@@ -37,6 +37,7 @@ def measure_front_latency(tracker: Tracker, members: Sequence[RunRecord], *, log
     todo = [run for run in members if not measured(run)]
     if not todo:
         return 0
+    from pipelines._helpers import error_line
     from pipelines.export import load_model
     from pipelines.latency import BATCHES, RUNTIMES, THREADS, measure_latency
 
@@ -50,16 +51,16 @@ def measure_front_latency(tracker: Tracker, members: Sequence[RunRecord], *, log
             with tempfile.TemporaryDirectory(prefix="slimtune-latency-") as work:
                 model, spec = load_model(tracker.download(run.run_id, "model", work))
             latency = measure_latency(model, image_size=int(spec["image_size"]), **options)
+            failed = "; ".join(f"{runtime}: {error}" for runtime, error in latency.failures.items())
             if not latency.timings:
-                raise RuntimeError("; ".join(f"{runtime}: {error}" for runtime, error in latency.failures.items()))
+                raise RuntimeError(failed)
             tracker.log_metrics(run.run_id, latency.metrics())
             tags = {THREADS_TAG: str(latency.threads), CPU_TAG: latency.cpu, RUNS_TAG: f"{latency.warmup} warm-up + {latency.repeats} timed per batch"}
             if latency.failures:
-                tags[FAILED_TAG] = "; ".join(f"{runtime}: {error}" for runtime, error in latency.failures.items())[:4000]
+                tags[FAILED_TAG] = failed[:4000]
             tracker.set_tags(run.run_id, tags)
         except Exception as error:  # a model the loader, the exporter or a runtime refuses: the search's results stand
-            lines = [line for line in str(error).splitlines() if line.strip()]
-            log(f"latency: warning: trial {trial} not measured ({type(error).__name__}: {lines[0][:200] if lines else 'no message'})")
+            log(f"latency: warning: trial {trial} not measured ({error_line(error)})")
             continue
         done += 1
         log(f"  trial {trial}: {_summary(latency)}")
