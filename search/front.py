@@ -7,7 +7,7 @@ from search._helpers import UsageError, format_count
 from search.pareto import Point, hypervolume, pareto_front
 from search.tracking import ANCHOR_TAG, STOPPED_TAG, RunRecord, Tracker
 
-__all__ = ["SearchFront", "front_of", "load_front", "select_front", "choose_under_budget", "front_hypervolume", "METRIC_PARAM"]
+__all__ = ["SearchFront", "front_of", "load_front", "select_front", "choose_under_budget", "front_hypervolume", "metric_points", "METRIC_PARAM"]
 
 _REQUIRED = ("val_accuracy", "test_accuracy", "macs", "params")
 METRIC_PARAM = "metric"  # the search run's param holding `search.metric`; absent (accuracy) in older searches
@@ -27,7 +27,7 @@ class SearchFront:
     metric: str = "accuracy"  # the search's `search.metric`: the front is non-dominated on val_<metric> and MACs
 
 
-def _points(runs: list[RunRecord], metric: str) -> list[Point]:
+def metric_points(runs: list[RunRecord], metric: str) -> list[Point]:
     """Points on `val_<metric>` and MACs."""
     key = f"val_{metric}"
     return [Point(key=r.run_id, accuracy=r.metrics.get(key, 0.0), macs=r.metrics.get("macs", 0.0), finished=_is_finished(r, metric)) for r in runs]
@@ -36,7 +36,7 @@ def _points(runs: list[RunRecord], metric: str) -> list[Point]:
 def select_front(runs: list[RunRecord], metric: str = "accuracy") -> list[RunRecord]:
     """The finished runs non-dominated on (val_<metric> max, MACs min), by MACs ascending."""
     by_id = {r.run_id: r for r in runs}
-    return [by_id[p.key] for p in pareto_front(_points(runs, metric))]
+    return [by_id[p.key] for p in pareto_front(metric_points(runs, metric))]
 
 
 def front_hypervolume(runs: list[RunRecord], *, teacher_macs: float, chance: float, metric: str = "accuracy") -> float:
@@ -44,7 +44,7 @@ def front_hypervolume(runs: list[RunRecord], *, teacher_macs: float, chance: flo
     search never sees), in the box MACs / teacher MACs in [0, 1] x accuracy in [chance, 1] (chance
     is 1 / classes for balanced accuracy too)."""
     test = {r.run_id: r.metrics.get(f"test_{metric}", 0.0) for r in runs}
-    front = [replace(p, accuracy=test[p.key]) for p in pareto_front(_points(runs, metric))]
+    front = [replace(p, accuracy=test[p.key]) for p in pareto_front(metric_points(runs, metric))]
     return hypervolume(front, reference_macs=teacher_macs, floor=chance)
 
 

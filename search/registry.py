@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from search._helpers import UsageError, format_count
+from search.front import metric_points
 from search.pareto import Point
 from search.tracking import INTERRUPTED_TAG, TRIAL_TAG, RunRecord
 
@@ -114,10 +115,6 @@ def choose_aliases(points: Sequence[Point], *, teacher_macs: float, budgets: Seq
     return chosen, unmet
 
 
-def _points(front: Sequence[RunRecord], metric: str) -> list[Point]:
-    return [Point(key=r.run_id, accuracy=r.metrics[f"val_{metric}"], macs=r.metrics["macs"]) for r in front]
-
-
 def _versions_by_run(client: Any, name: str) -> dict[str, Any]:
     """run id -> its (oldest) model version of registered model `name`."""
     found: dict[str, Any] = {}
@@ -197,7 +194,7 @@ def register_front(
         )
         versions[run.run_id] = str(version.version)
         created.append(str(version.version))
-    chosen, unmet = choose_aliases(_points(front, metric), teacher_macs=teacher_macs, budgets=budgets)
+    chosen, unmet = choose_aliases(metric_points(list(front), metric), teacher_macs=teacher_macs, budgets=budgets)
     wanted = {alias: versions[run_id] for alias, run_id in chosen.items()}
     current = {alias: str(version) for alias, version in client.get_registered_model(name).aliases.items()}
     for alias, version in wanted.items():
