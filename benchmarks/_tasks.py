@@ -16,8 +16,9 @@ FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "
 TASKS = ("animal_mnist", "fashion_mnist")
 
 
-def prepare_fashion_mnist(root: Path, *, per_class: int = 350) -> Path:
-    """Write `per_class` training images of each class as root/<class>/<index>.png (idempotent).
+def prepare_fashion_mnist(root: Path, *, per_class: int = 350, counts: dict[str, int] | None = None) -> Path:
+    """Write the first `per_class` training images of each class (or `counts[name]` of the classes
+    `counts` names) as root/<class>/<index>.png (idempotent).
 
     The IDX files are parsed directly: Debian's gzip wrapper breaks torchvision's checksum.
     """
@@ -31,14 +32,15 @@ def prepare_fashion_mnist(root: Path, *, per_class: int = 350) -> Path:
         images = np.frombuffer(f.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
     with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
         labels = np.frombuffer(f.read(), dtype=np.uint8, offset=8)
-    written = {c: 0 for c in range(10)}
+    wanted = counts if counts is not None else dict.fromkeys(FASHION_CLASSES, per_class)
+    written = dict.fromkeys(wanted, 0)
     for index, (image, label) in enumerate(zip(images, labels)):
-        if written[int(label)] >= per_class:
+        name = FASHION_CLASSES[int(label)]
+        if name not in wanted or written[name] >= wanted[name]:
             continue
-        folder = root / FASHION_CLASSES[int(label)]
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image, mode="L").save(folder / f"{index:05d}.png")
-        written[int(label)] += 1
+        (root / name).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image, mode="L").save(root / name / f"{index:05d}.png")
+        written[name] += 1
     (root / ".complete").touch()
     return root
 

@@ -21,7 +21,7 @@ from pipelines.config import DataConfig
 
 __all__ = [
     "DataError", "ANIMAL_MNIST_CLASSES", "Splits", "prepare_animal_mnist", "load_data", "list_images", "decode_image_file",
-    "batches", "num_batches", "normalize", "folder_fingerprint", "BACKGROUND",
+    "batches", "num_batches", "normalize", "folder_fingerprint", "BACKGROUND", "AUGMENTS", "random_resized_crop",
 ]
 
 # Class order as the animal-mnist package documents its labels 0..9.
@@ -224,21 +224,77 @@ def num_batches(images: int, *, batch_size: int) -> int:
     return len(_batch_bounds(images, batch_size)) - 1
 
 
+# Random-resized-crop of `augment: crop_flip`: the area fraction kept and the aspect ratio range.
+# ImageNet's 0.08 lower bound cuts most of a 64 px object away; a third of it still shows the object.
+CROP_SCALE = (0.35, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+AUGMENTS = ("none", "flip", "crop_flip")
+
+
+def _crop_boxes(n: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:
+    """n random-resized-crop boxes (top, left, h, w) as torchvision's RandomResizedCrop draws them
+    (area fraction in CROP_SCALE, log-uniform aspect ratio in CROP_RATIO), but from `generator`,
+    with a fixed 4 draws per image (the box is clamped to the image instead of retried)."""
+    u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+    area = height * width * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[:, 0])
+    low, high = torch.log(torch.tensor(CROP_RATIO, dtype=torch.float64))
+    aspect = torch.exp(low + (high - low) * u[:, 1])
+    w = torch.sqrt(area * aspect).round().clamp(1, width)
+    h = torch.sqrt(area / aspect).round().clamp(1, height)
+    top = ((height - h + 1) * u[:, 2]).floor().clamp(max=height - h)
+    left = ((width - w + 1) * u[:, 3]).floor().clamp(max=width - w)
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def random_resized_crop(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each uint8 image of N x 3 x H x W cropped at its own random box and resized back to H x W
+    (torchvision.transforms.v2's resized_crop, antialiased bilinear), on the images' device."""
+    from torchvision.transforms.v2 import functional as TF
+
+    height, width = images.shape[-2:]
+    boxes = _crop_boxes(len(images), height, width, generator).tolist()
+    return torch.stack([TF.resized_crop(image, t, l, h, w, size=[height, width], antialias=True) for image, (t, l, h, w) in zip(images, boxes)])
+
+
 def batches(
-    split: Split, *, batch_size: int, shuffle: bool = False, seed: int = 0, flip: bool = False
+    split: Split,
+    *,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    flip: bool = False,
+    augment: str = "none",
+    views: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels, indices into the split), all on the split's device; `flip` mirrors a
-    random half of each batch. The order comes from a CPU generator: the same on every device.
+    """Yield (images, labels, indices into the split), all on the split's device. The order comes
+    from a CPU generator seeded by `seed`: the same on every device.
+
+    `augment` (`AUGMENTS`; `flip=True` is `augment="flip"`): flip mirrors a random half of each
+    batch; crop_flip first crops each image at its own random box and resizes it back
+    (`random_resized_crop`), then flips. Drawn from the same generator: a batch's augmentation is
+    fixed by `seed`. `views` (with flip only): the yielded index is the row of each image's view in
+    a view-major table of per-view values: i for image i as it is, len(split) + i for its mirror
+    (e.g. `torch.cat([teacher logits, teacher logits of the mirrors])`).
+
     A last batch of one image joins the one before (`num_batches`): train-mode BatchNorm cannot
     normalise a single image's 1 x 1 feature maps, which small inputs reach."""
+    augment = "flip" if flip and augment == "none" else augment
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    if views and augment != "flip":
+        raise ValueError(f"views need augment 'flip' (an image has a fixed set of views only then), got {augment!r}")
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(split), generator=generator) if shuffle else torch.arange(len(split))
     device = split.images.device
     bounds = _batch_bounds(len(order), batch_size)
     for start, stop in zip(bounds, bounds[1:]):
         index = order[start:stop].to(device)
-        images = split.images[index]
-        if flip:
+        images, labels = split.images[index], split.labels[index]
+        if augment == "crop_flip":
+            images = random_resized_crop(images, generator)
+        if augment != "none":
             mirrored = (torch.rand(len(index), generator=generator) < 0.5).to(device)
             images = torch.where(mirrored.view(-1, 1, 1, 1), images.flip(-1), images)
-        yield normalize(images), split.labels[index], index
+            if views:
+                index = index + len(split) * mirrored.long()
+        yield normalize(images), labels, index

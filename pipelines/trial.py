@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 from pipelines.budgets import BudgetInputs, keep_counts
 from pipelines.checkpoint import TrialState, load_state, save_state
-from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
+from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TeacherConfig, TrialParams
 from pipelines.data import IMAGENET_MEAN, IMAGENET_STD, Split, Splits, batches, load_data, num_batches
 from pipelines.device import device_of, pick_device
 from pipelines.export import load_model, save_model
@@ -31,12 +31,18 @@ from pipelines.objective import FEATURE_TERMS, SOURCE_TERMS, delta_weights, lear
 from pipelines.prune import Group, group_scores_by_name, macs_model, prunable_groups
 from pipelines.schedules import SCHEDULES, PruningSession, group_widths
 from pipelines.sources import SourceNet, index_tracer, stage_outputs
-from pipelines.train import cross_entropy_loss, evaluate, make_optimizer, predict_logits, recalibrate_bn, train_one_epoch
+from pipelines.train import (
+    WeightEMA, class_balance_weights, evaluate, make_optimizer, predict_logits, recalibrate_bn, teacher_loss, train_one_epoch,
+)
 
-__all__ = ["train_teacher", "run_trial", "can_start_from_trial", "EpochCallback", "TEACHER_LOGITS_FILE"]
+__all__ = ["train_teacher", "run_trial", "can_start_from_trial", "as_teacher_config", "EpochCallback", "TEACHER_LOGITS_FILE", "TEACHER_VIEWS"]
 
 EpochCallback = Callable[[dict[str, float]], None]
 TEACHER_LOGITS_FILE = "train_logits.safetensors"
+# The tensors of TEACHER_LOGITS_FILE a trial reads per `trial.augment`, one per view of each train
+# image: as it is (`logits`) and mirrored (`mirror_logits`, absent from teachers trained before).
+TEACHER_VIEWS = {"none": ("logits",), "flip": ("logits", "mirror_logits")}
+EMA_EPOCHS = 1.0  # teacher keep: ema averages over about this many epochs' steps (decay 1 - 1 / steps)
 TRAJECTORY_FILE = "trajectory.safetensors"
 _FOLLOWER_TERMS = SOURCE_TERMS | {"l2sp"}  # losses that need the pretrained network pruned in step with the student
 SELECTION_EVERY = 10  # iterative / priority trials hold out 1 train image in 10 per class to decide on
@@ -87,21 +93,27 @@ def _fit(
     finetune: FinetuneConfig,
     weight_decay: float,
     extra_params: list[nn.Parameter] = (),
-    flip: bool,
+    augment: str = "none",
+    views: bool = False,
+    warmup_epochs: int = 0,
     first_epoch: int = 1,
     done: int = 0,
     saved: TrialState | None = None,
     before_epoch: Callable[[int], None] | None = None,
     after_epoch: Callable[[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None] | None = None,
+    after_step: Callable[[], None] | None = None,
     on_epoch_end: EpochCallback | None,
 ) -> float:
-    """Train `epochs` epochs (AdamW, cosine); returns the final val accuracy. `done`: epochs of this
+    """Train `epochs` epochs (AdamW, cosine after `warmup_epochs` of linear warm-up); returns the
+    final val accuracy. `augment`, `views`: as in `pipelines.data.batches`. `done`: epochs of this
     same fit already trained (skipped), whose optimizer, scheduler and RNG `saved` holds;
-    `after_epoch(epoch, optimizer, scheduler)` runs after each epoch, before `on_epoch_end`."""
+    `after_epoch(epoch, optimizer, scheduler)` runs after each epoch, before `on_epoch_end`;
+    `after_step()` after every optimizer step."""
     steps_per_epoch = num_batches(len(splits.train), batch_size=finetune.batch_size)
     optimizer, scheduler = make_optimizer(
-        model, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps_per_epoch, extra=extra_params
-    )
+        model, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps_per_epoch, extra=extra_params,
+        warmup_steps=warmup_epochs * steps_per_epoch,
+    )  # fmt: skip
     if saved is not None:
         optimizer.load_state_dict(saved.optimizer)
         scheduler.load_state_dict(saved.scheduler)
@@ -119,9 +131,11 @@ def _fit(
             scheduler=scheduler,
             batch_size=finetune.batch_size,
             seed=finetune.seed * 1000 + epoch,
-            flip=flip,
+            augment=augment,
+            views=views,
             amp=finetune.amp,
             epoch=epoch,
+            after_step=after_step,
         )
         measured = measure(model, splits.val, num_classes=len(splits.classes), amp=finetune.amp)
         val = measured.accuracy
@@ -131,6 +145,18 @@ def _fit(
             losses = {f"loss_{k}": v for k, v in parts.items()}
             on_epoch_end({"epoch": epoch, **losses, "val_accuracy": val, "val_balanced_accuracy": measured.balanced_accuracy})
     return val
+
+
+def as_teacher_config(finetune: FinetuneConfig) -> TeacherConfig:
+    """`finetune` as a TeacherConfig: a plain FinetuneConfig's shared fields with the teacher
+    recipe's defaults (its `augment` is a trial's, so not carried over)."""
+    if isinstance(finetune, TeacherConfig):
+        return finetune
+    return TeacherConfig(**{f.name: getattr(finetune, f.name) for f in fields(FinetuneConfig) if f.name != "augment"})
+
+
+def _conv_linear_weights(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: m.weight.detach().half().cpu().contiguous() for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
 def train_teacher(
@@ -145,39 +171,77 @@ def train_teacher(
 ) -> dict[str, float]:
     """Fine-tune the pretrained model on the target train split (the dense teacher) and export it.
 
-    Also stores the teacher's logits on the train split, so trials distil without running it, and
-    every conv/linear weight after each epoch (float16), for TASCNet's trajectory criterion.
+    The recipe is `finetune`'s (`TeacherConfig`; a plain FinetuneConfig gets the TeacherConfig
+    defaults, `as_teacher_config`): `augment` (flip or crop_flip), `warmup_epochs`,
+    `label_smoothing`, `class_balance` (class-weighted cross-entropy when the train classes are
+    imbalanced) and `keep`: the last epoch's weights, the best epoch's on a selection split held
+    out of train (`_selection_indices`, the images iterative trials also decide on; the teacher
+    then trains on the rest, and val stays untouched for the search), or an EMA of the weights.
+    The returned (and exported) metrics add `class_balanced` (1 or 0), and `best_epoch` with
+    `best_selection_accuracy` (keep best) or `ema_decay` (keep ema); each epoch's report adds
+    `selection_accuracy` (keep best).
+
+    Also stores the kept teacher's logits on the train split, as each image is and mirrored
+    (`TEACHER_VIEWS`), so trials distil without running it, and its conv/linear weights after each
+    epoch up to the kept one (float16; the EMA's with keep ema), for TASCNet's trajectory criterion.
     `splits`: the data already decoded (`load_data(data)`), e.g. sent by the driver. `device`:
     see `pipelines.device.pick_device` (default: CUDA when visible).
     """
-    torch.manual_seed(finetune.seed)
+    recipe = as_teacher_config(finetune)
+    torch.manual_seed(recipe.seed)
     device = pick_device(device)
     splits = (splits or load_data(data)).to(device)
     net = build_model(model, num_classes=len(splits.classes)).to(device, memory_format=torch.channels_last)
     output_dir = Path(output_dir)
-    trajectory: dict[str, list[torch.Tensor]] = {}
+    fitted, selection = splits, None
+    if recipe.keep == "best":  # decided on images held out of train: val is the search's objective
+        trained, held_out = _selection_indices(splits.train)
+        fitted, selection = replace(splits, train=_subset(splits.train, trained)), _subset(splits.train, held_out)
+    class_weights = class_balance_weights(fitted.train.labels, len(splits.classes), recipe.class_balance)
+    ema = None
+    if recipe.keep == "ema":
+        steps = num_batches(len(fitted.train), batch_size=recipe.batch_size)
+        ema = WeightEMA(net, decay=1.0 - 1.0 / max(1.0, EMA_EPOCHS * steps))
+    kept = net if ema is None else ema.model
+    trajectory: list[dict[str, torch.Tensor]] = []
+    best: dict = {"epoch": 0, "accuracy": -1.0, "state": None}
 
-    def record_weights(metrics: dict[str, float]) -> None:
-        for name, module in net.named_modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                trajectory.setdefault(name, []).append(module.weight.detach().half().cpu().contiguous())
+    def end_of_epoch(metrics: dict[str, float]) -> None:
+        trajectory.append(_conv_linear_weights(kept))
+        if selection is not None:
+            accuracy = evaluate(net, selection, amp=recipe.amp)
+            metrics = {**metrics, "selection_accuracy": accuracy}
+            if accuracy >= best["accuracy"]:  # ties: the later epoch, further down the cosine
+                best.update(epoch=int(metrics["epoch"]), accuracy=accuracy, state=copy.deepcopy(net.state_dict()))
         if on_epoch_end is not None:
             on_epoch_end(metrics)
 
     _fit(
         net,
-        splits,
-        loss_fn=cross_entropy_loss,
-        lr=finetune.lr,
-        epochs=finetune.epochs,
-        finetune=finetune,
-        weight_decay=finetune.weight_decay,
-        flip=True,
-        on_epoch_end=record_weights,
+        fitted,
+        loss_fn=teacher_loss(class_weights=class_weights, label_smoothing=recipe.label_smoothing),
+        lr=recipe.lr,
+        epochs=recipe.epochs,
+        finetune=recipe,
+        weight_decay=recipe.weight_decay,
+        augment=recipe.augment,
+        warmup_epochs=recipe.warmup_epochs,
+        after_step=None if ema is None else ema.update,
+        on_epoch_end=end_of_epoch,
     )
-    metrics = _finish(net, splits, data=data, arch=model.arch, output_dir=output_dir, extra={}, amp=finetune.amp)
-    save_file({"logits": predict_logits(net, splits.train).cpu().contiguous()}, output_dir / TEACHER_LOGITS_FILE)
-    save_file({name: torch.stack(w) for name, w in trajectory.items()}, output_dir / TRAJECTORY_FILE)
+    extra = {"class_balanced": float(class_weights is not None)}
+    if selection is not None:
+        net.load_state_dict(best["state"])
+        trajectory = trajectory[: best["epoch"]]
+        extra.update(best_epoch=float(best["epoch"]), best_selection_accuracy=best["accuracy"])
+    if ema is not None:
+        net.load_state_dict(ema.model.state_dict())
+        extra["ema_decay"] = ema.decay
+    metrics = _finish(net, splits, data=data, arch=model.arch, output_dir=output_dir, extra=extra, amp=recipe.amp)
+    mirrored = Split(images=splits.train.images.flip(-1), labels=splits.train.labels)
+    views = {"logits": predict_logits(net, splits.train), "mirror_logits": predict_logits(net, mirrored)}
+    save_file({name: v.cpu().contiguous() for name, v in views.items()}, output_dir / TEACHER_LOGITS_FILE)
+    save_file({name: torch.stack([epoch[name] for epoch in trajectory]) for name in trajectory[0]}, output_dir / TRAJECTORY_FILE)
     return metrics
 
 
@@ -232,7 +296,9 @@ class _Trial:
     finetune: FinetuneConfig
     splits: Splits  # train without the selection split, for schedules that decide during training
     selection: Split | None  # what those schedules decide on; None: val (one_shot never decides)
-    teacher_logits: torch.Tensor  # for `splits.train`
+    # For `splits.train`, view-major (one row per image and view, `TEACHER_VIEWS[finetune.augment]`):
+    # what the indices of `batches(..., views=True)` address.
+    teacher_logits: torch.Tensor
     teacher_macs: float
     arch: str
     groups: list[Group]
@@ -284,13 +350,14 @@ def _prepare(
     """The trial's fixed inputs, and the fine-tuned teacher they were derived from."""
     dense, spec = load_model(teacher_dir)
     dense = dense.to(device)
-    teacher_logits = load_file(teacher_dir / TEACHER_LOGITS_FILE)["logits"].to(device)
-    if len(teacher_logits) != len(splits.train):
-        raise ValueError(f"{teacher_dir} holds logits for {len(teacher_logits)} train images, the data has {len(splits.train)}")
+    views = _teacher_views(teacher_dir, finetune.augment).to(device)  # views x train images x classes
+    if views.shape[1] != len(splits.train):
+        raise ValueError(f"{teacher_dir} holds logits for {views.shape[1]} train images, the data has {len(splits.train)}")
     selection = None
     if params.schedule != "one_shot":  # it decides during training: on images held out of train, not on val
         trained, held_out = _selection_indices(splits.train)
-        splits, selection, teacher_logits = replace(splits, train=_subset(splits.train, trained)), _subset(splits.train, held_out), teacher_logits[trained]
+        splits, selection, views = replace(splits, train=_subset(splits.train, trained)), _subset(splits.train, held_out), views[:, trained]
+    teacher_logits = views.flatten(0, 1)
     layers = stage_outputs(dense) if FEATURE_TERMS & params.losses.keys() else []
     delta = None
     if "delta" in params.losses:
@@ -313,6 +380,19 @@ def _prepare(
         on_epoch_end=on_epoch_end,
     )
     return trial, dense
+
+
+def _teacher_views(teacher_dir: Path, augment: str) -> torch.Tensor:
+    """The teacher's stored train logits for the views `augment` trains on, stacked: V x N x C."""
+    path = teacher_dir / TEACHER_LOGITS_FILE
+    stored = load_file(path)
+    missing = [name for name in TEACHER_VIEWS[augment] if name not in stored]
+    if missing:
+        raise ValueError(
+            f"trial.augment: {augment} needs the teacher's logits of the mirrored train images, which {path} lacks"
+            " (a teacher trained before trial augmentation existed): train the teacher again, or set trial.augment: none"
+        )
+    return torch.stack([stored[name] for name in TEACHER_VIEWS[augment]])
 
 
 def _start(
@@ -377,7 +457,7 @@ def _sparsify_bn(trial: _Trial, state: TrialState) -> None:
 
     _fit(
         state.student, trial.splits, loss_fn=loss_fn, lr=trial.params.lr, epochs=1, finetune=trial.finetune, weight_decay=0.0,
-        flip=False, after_epoch=after_epoch, on_epoch_end=trial.report(state.student),
+        augment=trial.finetune.augment, after_epoch=after_epoch, on_epoch_end=trial.report(state.student),
     )  # fmt: skip
 
 
@@ -424,7 +504,8 @@ def _fine_tune(trial: _Trial, state: TrialState, epochs: int) -> float:
     try:
         val = _fit(
             net, trial.splits, loss_fn=objective.loss_fn, lr=params.lr, epochs=epochs, finetune=finetune,
-            weight_decay=objective.weight_decay, extra_params=objective.parameters, flip=False, first_epoch=first_epoch,
+            weight_decay=objective.weight_decay, extra_params=objective.parameters, augment=finetune.augment,
+            views=finetune.augment != "none", first_epoch=first_epoch,
             done=state.round_epochs, saved=state if state.optimizer is not None else None, before_epoch=before_epoch,
             after_epoch=after_epoch, on_epoch_end=trial.report(net),
         )  # fmt: skip
@@ -512,7 +593,9 @@ def run_trial(
     capped by what that model has. Not with losses that track the pretrained channels (l2sp,
     source terms), the trajectory criterion or gating, whose state follows the teacher's channels.
 
-    Fine-tuning uses no augmentation so that the teacher's stored train logits match each image.
+    `finetune.augment`: none, or flip: each step trains on the image or its mirror and distils
+    from the teacher's stored logits of that same view (`TEACHER_VIEWS`; a teacher folder without
+    mirror logits raises a ValueError saying so).
     Each epoch reports the loss parts, `val_accuracy`, `val_balanced_accuracy`, `macs` and `macs_ratio` to `on_epoch_end`.
     Returns `proxy_accuracy` (after the first cut + BN recalibration, before fine-tuning),
     `val_accuracy`, `test_accuracy`, `macs` (expected over val images for gated models), `params`,

@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   slimtune runs quickstart --sort val                    # every trial: status, MACs target, accuracies, front
   slimtune fetch quickstart --max-macs 12M -o model/     # the best front model under 12M MACs
   slimtune fetch quickstart --alias knee -o model/       # the registered front model with alias knee
+  slimtune verify quickstart --seeds 3                   # train the front again with 2 more seeds; select on the means
   slimtune methods                                       # every criterion, parametrisation, schedule, loss
 """
 
@@ -60,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage", default=None, metavar="URI", help="Ray Tune's storage, which every node must reach (NFS path or s3://...); default: under --output"
     )
     search.add_argument("--resume", action="store_true", help="continue the newest unfinished search of this space's experiment instead (see `resume`)")
+    search.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own output: its start-up logs, the trial workers' output and Tune's status tables"
+        " (default: slimtune's progress lines only)",
+    )
     _add_store_args(search)
 
     resume = commands.add_parser(
@@ -76,16 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
     resume.add_argument("--search", default=None, metavar="RUN_ID", help="the search's parent run id (default: the newest unfinished search)")
     resume.add_argument("--address", default=None, metavar="ADDR", help="join a running Ray cluster: auto or HOST:PORT (default: a fresh local Ray)")
+    resume.add_argument(
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own output: its start-up logs, the trial workers' output and Tune's status tables"
+        " (default: slimtune's progress lines only)",
+    )
     _add_store_args(resume)
 
     pareto = commands.add_parser(
         "pareto",
         help="print the Pareto front of an experiment's latest search",
         description="Print the front of the latest search of EXPERIMENT (the space's `name`), read from MLflow.",
-        epilog="example:\n  slimtune pareto quickstart",
+        epilog="examples:\n  slimtune pareto quickstart\n  slimtune pareto quickstart --plot front.html   # hover a point for its trial, accuracies, MACs and knobs",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pareto.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
+    pareto.add_argument(
+        "--plot", default=None, metavar="FILE", help="also write the val accuracy vs MACs plot: .html (interactive, self-contained), .png, .svg or .pdf"
+    )
     _add_search_arg(pareto)
     _add_store_args(pareto)
 
@@ -120,9 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
     choice = fetch.add_mutually_exclusive_group(required=True)
     choice.add_argument("--max-macs", metavar="N", help="MACs budget per image, e.g. 12M, 800K, 1.5G")
     choice.add_argument("--alias", metavar="NAME", help="an alias of the registered model EXPERIMENT: best, smallest, knee, under-<budget>x")
+    fetch.add_argument(
+        "--verified", action="store_true", help="with --max-macs: choose on the means over the seeds of `slimtune verify`, among the members it kept on the front"
+    )
     fetch.add_argument("-o", "--to", default="slimtune-model", metavar="DIR", help="where to write the model (default: ./slimtune-model)")
     _add_search_arg(fetch)
     _add_store_args(fetch)
+
+    verify = commands.add_parser(
+        "verify",
+        help="train the front's members again with other seeds; select the front again on the means",
+        description="Train every member of the newest finished search's front (or --search) again through the same"
+        " pipeline with trial.seed + 1, ..., + N-1 (same knobs, split and teacher), log the mean and sd of val / test"
+        " accuracy and MACs over the N seeds on each member's run, select the front again on the mean val values and"
+        " mark the members whose rank changed (tag slimtune.rank) or that left the front (slimtune.verified_front)."
+        " Seeds already trained are not trained again. `fetch --verified` then chooses on the means.",
+        epilog="examples:\n  slimtune verify quickstart\n  slimtune verify quickstart --seeds 5      # two more seeds after --seeds 3"
+        "\n  slimtune fetch quickstart --max-macs 12M --verified -o my_model/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument("experiment", help="the space's name, which is the MLflow experiment name")
+    verify.add_argument("--seeds", type=int, default=3, metavar="N", help="seeds per member in all, the search's own run included (default: 3)")
+    verify.add_argument("--address", default=None, metavar="ADDR", help="join a running Ray cluster: auto or HOST:PORT (default: a fresh local Ray)")
+    verify.add_argument("--verbose", action="store_true", help="also show Ray's own logs, banners and tables (default: slimtune's progress lines only)")
+    _add_search_arg(verify)
+    _add_store_args(verify)
 
     commands.add_parser(
         "methods",
@@ -202,7 +240,9 @@ def _search(args: argparse.Namespace) -> int:
     if args.num_trials is not None:
         experiment = validate(dataclasses.replace(experiment, search=dataclasses.replace(experiment.search, num_trials=args.num_trials)))
     try:
-        outcome = run_search(experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address, storage=args.storage)
+        outcome = run_search(
+            experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address, storage=args.storage, verbose=args.verbose
+        )
     except SearchInterrupted as stop:
         return _interrupted(stop, experiment.name, experiment.search.num_trials, args)
     return _finished(outcome, experiment.name, args)
@@ -212,7 +252,9 @@ def _resume(args: argparse.Namespace) -> int:
     from search.run import SearchInterrupted, resume_search
 
     try:
-        outcome = resume_search(args.experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address, search_id=args.search)
+        outcome = resume_search(
+            args.experiment, output=_output(args), tracking_uri=args.tracking_uri, address=args.address, search_id=args.search, verbose=args.verbose
+        )
     except SearchInterrupted as stop:
         return _interrupted(stop, args.experiment, int(stop.front.search.params.get("num_trials", 0)), args)
     return _finished(outcome, args.experiment, args)
@@ -266,8 +308,24 @@ def _load_front(args: argparse.Namespace, tracker=None, *, say=print):
 
 
 def _pareto(args: argparse.Namespace) -> None:
+    from search.report import PLOT_SUFFIXES
+
+    plot = Path(args.plot) if args.plot is not None else None
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise UsageError(f"--plot {plot}: the file's suffix names the format: one of {', '.join(PLOT_SUFFIXES)}")
     front = _load_front(args)
     _print_front(front, header=f"Pareto front of {args.experiment!r} (MACs per image):")
+    if plot is None:
+        return
+    if not front.finished:
+        raise UsageError(f"--plot {plot}: search {front.search.run_id} has no finished trial to plot; nothing was written")
+    from search.report import plot_search_front
+
+    try:
+        plot_search_front(front, name=args.experiment, path=plot)
+    except OSError as error:
+        raise UsageError(f"--plot {plot}: cannot write it: {error.strerror or error}") from None
+    print(f"plot: wrote {plot}")
 
 
 def _runs(args: argparse.Namespace) -> None:
@@ -293,13 +351,22 @@ def _fetch(args: argparse.Namespace) -> None:
     from search.front import choose_under_budget
 
     if args.alias is not None:
+        if args.verified:
+            raise UsageError("--verified: only with --max-macs (an alias names one registered version)")
         tracker = _tracker(args)
         chosen, metric = _registered(args, tracker)
     else:
         budget = parse_macs(args.max_macs)
         tracker = _tracker(args)
         front = _load_front(args, tracker)
-        chosen, metric = choose_under_budget(front.front, budget, metric=front.metric), front.metric
+        members = front.front
+        if args.verified:
+            from search.verify import verified_front
+
+            members = verified_front(front.front)
+            if not members:
+                raise UsageError(f"--verified: search {front.search.run_id} was not verified; run `slimtune verify {args.experiment}` first")
+        chosen, metric = choose_under_budget(members, budget, metric=front.metric), front.metric
     destination = Path(args.to)
     trial = chosen.tags.get("slimtune.trial_id")
     needed = _artifact_bytes(tracker.client, chosen.run_id, "model")
@@ -392,6 +459,43 @@ def _write_onnx(directory: Path, *, run_id: str) -> Exception | None:
     return None
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from search._helpers import format_count
+    from search.front import METRIC_PARAM
+    from search.verify import verify_search
+
+    done = verify_search(
+        args.experiment, output=_output(args), seeds=args.seeds, tracking_uri=args.tracking_uri, address=args.address, search_id=args.search, verbose=args.verbose
+    )
+    key = done.search.params.get(METRIC_PARAM, "accuracy")
+    label = {"accuracy": "acc", "balanced_accuracy": "bal acc"}[key]
+    print(f"\nVerified front of {args.experiment!r} (search {done.search.run_id}), mean +- sd over the seeds:")
+    header = ("trial", "seeds", f"val {label}", f"test {label}", "MACs", "rank", "on front")
+    lines = [
+        (
+            m.run.tags.get("slimtune.trial_id", m.run.name),
+            str(m.seeds),
+            f"{m.run.metrics[f'val_{key}']:.3f} +- {m.sd.get(f'val_{key}', 0.0):.3f}",
+            f"{m.run.metrics[f'test_{key}']:.3f} +- {m.sd.get(f'test_{key}', 0.0):.3f}",
+            format_count(m.run.metrics["macs"]),
+            f"{m.rank} -> {m.verified_rank}" + (" *" if m.rank != m.verified_rank else ""),
+            "yes" if m.on_front else "no",
+        )
+        for m in done.members
+    ]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    for line in (header, tuple("-" * w for w in widths), *lines):
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths)))
+    changed = sum(m.rank != m.verified_rank for m in done.members)
+    left = sum(not m.on_front for m in done.members)
+    print(f"{changed} member(s) changed rank (*), {left} left the front selected on the means")
+    if done.verified_hypervolume is not None:
+        print(f"hypervolume: {done.hypervolume:.3f} on one seed, {done.verified_hypervolume:.3f} on the means")
+    if done.failed:
+        print(f"slimtune: warning: {done.failed} seed run(s) did not finish (their MLflow runs carry the error); `slimtune verify {args.experiment}` again retries them", file=sys.stderr)
+    print(f"Fetch on the means:  slimtune fetch {args.experiment} --max-macs BUDGET --verified -o my_model/{_store_flags(args)}")
+
+
 def _methods(args: argparse.Namespace) -> None:
     from pipelines.budgets import BUDGETS
     from pipelines.distill import LOSSES
@@ -423,7 +527,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"search": _search, "resume": _resume, "pareto": _pareto, "runs": _runs, "fetch": _fetch, "methods": _methods, "prepare-data": _prepare}
+    handlers = {"search": _search, "resume": _resume, "pareto": _pareto, "runs": _runs, "fetch": _fetch, "verify": _verify, "methods": _methods, "prepare-data": _prepare}
     try:
         return handlers[args.command](args) or 0
     except UsageError as error:

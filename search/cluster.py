@@ -17,21 +17,34 @@ _LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 _FORWARDED = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")  # MLflow auth, for every node
 
 
-def configure_ray_environment() -> None:
+def configure_ray_environment(*, verbose: bool = False) -> None:
+    """Ray's and Tune's settings for a search, before Ray starts. Without `verbose` Ray prints
+    nothing of its own into the terminal but errors (slimtune's progress lines say what runs);
+    with it, Ray's usual output: its start-up logs, the workers' output and Tune's tables."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its boxes and tables would interleave with our progress lines
+    if not verbose:  # Tune's newer output engine (its default) boxes and tables; the legacy one honours verbose=0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # With the workers' output on (verbose), Ray would swap builtins.print for its tqdm-safe one, and
+    # Tune could no longer pickle the progress callback, whose `log` is the builtin print.
+    os.environ["RAY_TQDM_PATCH_PRINT"] = "0"
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # slimtune's own handler stops the trials and labels them (search.run)
     # Save Tune's experiment state after every step of its loop, not every 10 s or more: a trial a
     # killed driver had started is then always in it, and `resume` continues it instead of
     # starting another in its place.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "0")
+    # ... on purpose: not Tune's warning that snapshots that often may become a bottleneck (--verbose).
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def start_ray(address: str | None) -> str:
+def start_ray(address: str | None, *, verbose: bool = False) -> str:
     """Join `address` (or $RAY_ADDRESS), else start a fresh local Ray: never a cluster that merely
-    happens to run on this machine (its session file may name a dead one). Returns the address used."""
+    happens to run on this machine (its session file may name a dead one). Returns the address used.
+
+    Without `verbose`, only Ray's errors reach the terminal (Tune's "Trial task failed" with
+    its traceback among them) and the workers' stdout/stderr stay in Ray's session logs
+    (/tmp/ray/session_latest/logs); a failed trial's error is in its MLflow run too."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or "local"
@@ -42,8 +55,8 @@ def start_ray(address: str | None) -> str:
     ray.init(
         address=address,
         include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
+        logging_level="INFO" if verbose else "ERROR",  # INFO: Ray's default
+        log_to_driver=verbose,
         runtime_env={"env_vars": env_vars} if env_vars else None,
     )
     return address

@@ -7,7 +7,7 @@ from search._helpers import UsageError, format_count
 from search.pareto import Point, hypervolume, pareto_front
 from search.tracking import ANCHOR_TAG, STOPPED_TAG, RunRecord, Tracker
 
-__all__ = ["SearchFront", "front_of", "load_front", "select_front", "choose_under_budget", "front_hypervolume", "metric_points", "METRIC_PARAM"]
+__all__ = ["SearchFront", "front_of", "load_front", "select_front", "choose_under_budget", "front_hypervolume", "metric_points", "hypervolume_scale", "METRIC_PARAM"]
 
 _REQUIRED = ("val_accuracy", "test_accuracy", "macs", "params")
 METRIC_PARAM = "metric"  # the search run's param holding `search.metric`; absent (accuracy) in older searches
@@ -53,6 +53,13 @@ def _is_finished(run: RunRecord, metric: str = "accuracy") -> bool:
     return run.status == "FINISHED" and all(k in run.metrics for k in required)
 
 
+def hypervolume_scale(search: RunRecord, teacher: RunRecord | None) -> dict | None:
+    """`front_hypervolume`'s box for a search's trials (teacher MACs, chance, metric); None without a teacher."""
+    if teacher is None or "num_classes" not in search.params:
+        return None
+    return {"teacher_macs": teacher.metrics["macs"], "chance": 1 / int(search.params["num_classes"]), "metric": search.params.get(METRIC_PARAM, "accuracy")}
+
+
 def front_of(tracker: Tracker, search: RunRecord) -> SearchFront:
     metric = search.params.get(METRIC_PARAM, "accuracy")
     trials = tracker.children(search.run_id, role="trial")
@@ -61,8 +68,8 @@ def front_of(tracker: Tracker, search: RunRecord) -> SearchFront:
     finished = [r for r in trials if _is_finished(r, metric)]
     anchors = [r for r in finished if r.tags.get(ANCHOR_TAG) == "true"]
     volume = anchors_volume = None
-    if teacher is not None and "num_classes" in search.params:
-        scale = {"teacher_macs": teacher.metrics["macs"], "chance": 1 / int(search.params["num_classes"]), "metric": metric}
+    scale = hypervolume_scale(search, teacher)
+    if scale is not None:
         volume = front_hypervolume(finished, **scale)
         anchors_volume = front_hypervolume(anchors, **scale) if anchors else None
     return SearchFront(

@@ -17,7 +17,6 @@ from typing import Any
 
 import yaml
 
-from search._helpers import format_accuracies, format_count
 from search.front import METRIC_PARAM, SearchFront, front_of
 from search.knobs import anchor_points, resolve, search_space, target_grid, trial_params
 from search.layout import Layout
@@ -25,7 +24,7 @@ from search.space import Experiment, SpaceError, parse_space, to_dict
 from search.teacher import ensure_teacher
 from search.tracking import INTERRUPTED_TAG, PARETO_TAG, RAY_STORAGE_TAG, TRIAL_TAG, RunRecord, Tracker
 
-__all__ = ["run_search", "resume_search", "SearchOutcome", "SearchInterrupted"]
+__all__ = ["run_search", "resume_search", "stored_experiment", "SearchOutcome", "SearchInterrupted"]
 
 Log = Callable[[str], None]
 
@@ -109,56 +108,6 @@ def _sampler(experiment: Experiment, *, startup: int) -> Any:
     return optuna.samplers.RandomSampler(seed=s.seed)
 
 
-def _progress_callback(total: int, log: Log, metric: str = "accuracy") -> Any:
-    from ray import tune
-
-    class Progress(tune.Callback):
-        def __init__(self) -> None:
-            self.done = 0
-            self.started: dict[str, float] = {}
-
-        def get_state(self) -> dict:  # saved with Tune's experiment state: `resume` counts on
-            return {"done": self.done}
-
-        def set_state(self, state: dict) -> None:
-            self.done = state["done"]
-
-        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.started[trial.trial_id] = time.time()
-
-        def _elapsed(self, trial: Any) -> str:
-            return f"{time.time() - self.started.get(trial.trial_id, time.time()):.0f} s"
-
-        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            r = trial.last_result
-            if r.get("failed"):
-                self.on_trial_error(iteration, trials, trial)
-                return
-            self.done += 1
-            origin = f", from trial {r['start_from']}" if r.get("start_from") else ""
-            if r.get("final"):
-                log(
-                    f"[{self.done}/{total}] trial {trial.trial_id}: {format_accuracies(r, metric)},"
-                    f" {format_count(r['macs'])} MACs ({r['macs_ratio']:.3f}x teacher),"
-                    f" proxy {r['proxy_accuracy']:.3f}{origin}, {self._elapsed(trial)}"
-                )
-            else:
-                log(
-                    f"[{self.done}/{total}] trial {trial.trial_id}: stopped after epoch {int(r.get('epoch', 0))}"
-                    f" ({format_accuracies(r, metric, splits=('val',))} at {r.get('macs_ratio', float('nan')):.3f}x MACs), {self._elapsed(trial)}"
-                )
-
-        def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            epoch = int(trial.last_result.get("epoch", 0)) if trial.last_result else 0
-            log(f"        trial {trial.trial_id}: its process or node was lost after epoch {epoch}; retrying it (from its last checkpoint, where it has one)")
-
-        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self.done += 1
-            log(f"[{self.done}/{total}] trial {trial.trial_id}: FAILED after {self._elapsed(trial)} (error in MLflow run tag 'error')")
-
-    return Progress()
-
-
 def _run_trials(
     experiment: Experiment,
     layout: Layout,
@@ -170,6 +119,7 @@ def _run_trials(
     storage: str,
     restore: bool,
     log: Log,
+    verbose: bool = False,
 ) -> tuple[float, SearchInterrupted | None]:
     """Run the trials (or, with `restore`, continue those of the Ray experiment `study_name` in
     `storage`); returns the trial phase's wall time and, if a signal stopped it, what to raise
@@ -178,6 +128,7 @@ def _run_trials(
     from ray import tune
 
     from pipelines.trial import can_start_from_trial
+    from search.progress import progress_callback
     from search.scheduler import ParetoHalving
     from search.searcher import StudySearcher, close_running, objectives
     from search.trainable import run_tune_trial
@@ -229,8 +180,8 @@ def _run_trials(
                 storage_path=storage,
                 failure_config=tune.FailureConfig(max_failures=s.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                verbose=0,
-                callbacks=[_progress_callback(s.num_trials, log, s.metric)],
+                verbose=1 if verbose else 0,  # Tune's tables: only with --verbose
+                callbacks=[progress_callback(s.num_trials, log, s.metric, concurrency=s.max_concurrent, verbose=verbose)],
             ),
         )
         halving = f", halving at epochs {s.rungs} (eta {s.eta:g})" if s.rungs else ""
@@ -262,12 +213,12 @@ def _experiment_path(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInterrupted | None = None) -> None:
+def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInterrupted | None = None, role: str = "trial") -> None:
     """A trial process killed before its own `except` (a lost worker, a hard stop, the end of an
     interrupted search) leaves its run RUNNING: end it KILLED, so that no run of the search stays
     RUNNING. Trials that ended themselves read the interruption from the search run (`announce`)."""
     stopped_by_signal = set(interrupted.trial_ids) if interrupted else set()
-    for run in tracker.children(parent_id, role="trial"):
+    for run in tracker.children(parent_id, role=role):
         if run.status != "RUNNING":
             continue
         if run.tags.get(TRIAL_TAG) in stopped_by_signal:
@@ -281,7 +232,7 @@ def _publish_front(
     tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout, *, epochs: int, seconds: float, log: Log
 ) -> None:
     from search.registry import publish_front_registry
-    from search.report import front_csv, front_json, front_rows, plot_front
+    from search.report import front_csv, front_json, front_rows, kept_fractions, plot_search_front, plot_widths
 
     members = {r.run_id for r in front.front}
     for run in front.trials:
@@ -290,16 +241,12 @@ def _publish_front(
     tracker.log_text(parent_id, front_csv(rows), "front.csv")
     tracker.log_text(parent_id, front_json(rows), "front.json")
     if front.teacher is not None and front.finished:
-        path = plot_front(
-            front.finished,
-            rows,
-            teacher=front.teacher.metrics,
-            anchors=front.anchors,
-            title=f"{experiment.name}: {front.metric.replace('_', ' ')} vs MACs",
-            path=layout.directory / "front.png",
-            metric=front.metric,
-        )
-        tracker.log_artifact(parent_id, path)
+        for name in ("front.png", "front.html"):
+            tracker.log_artifact(parent_id, plot_search_front(front, name=experiment.name, path=layout.directory / name))
+    with tempfile.TemporaryDirectory(dir=layout.directory) as scratch:  # each member's chart is its run's widths.png
+        for run in front.front:
+            if kept_fractions(run):  # absent in searches made before they were logged
+                tracker.log_artifact(run.run_id, plot_widths(run, path=Path(scratch) / "widths.png"))
     counts = {
         "finished_trials": len(front.finished),
         "stopped_trials": len(front.stopped),
@@ -323,6 +270,7 @@ def run_search(
     address: str | None = None,
     storage: str | None = None,
     log: Log = print,
+    verbose: bool = False,
 ) -> SearchOutcome:
     """Run one search end to end; every run it opens ends FINISHED, FAILED or KILLED.
 
@@ -330,12 +278,13 @@ def run_search(
     Tune's storage (a path all nodes see, or s3://...; default <output>/<name>/ray)."""
     layout = _writable(Layout.at(output, experiment.name))
     splits = _checked_data(experiment, log)
-    with _ray(address, experiment, tracking_uri=tracking_uri or layout.tracking_uri, log=log) as experiment:
-        return _search(experiment, splits, layout=layout, uri=tracking_uri or layout.tracking_uri, storage=storage, resume=None, log=log)
+    with _ray(address, experiment, tracking_uri=tracking_uri or layout.tracking_uri, log=log, verbose=verbose) as experiment:
+        return _search(experiment, splits, layout=layout, uri=tracking_uri or layout.tracking_uri, storage=storage, resume=None, log=log, verbose=verbose)
 
 
 def resume_search(
-    name: str, *, output: str | Path, tracking_uri: str | None = None, address: str | None = None, search_id: str | None = None, log: Log = print
+    name: str, *, output: str | Path, tracking_uri: str | None = None, address: str | None = None, search_id: str | None = None, log: Log = print,
+    verbose: bool = False,
 ) -> SearchOutcome:
     """Continue the search `search_id` of experiment `name` (default: its newest unfinished one)
     after its driver was killed or interrupted: the same parent run, Optuna study and Ray Tune
@@ -359,13 +308,18 @@ def resume_search(
     path = _experiment_path(storage, _study_name(name, run))
     if not tune.Tuner.can_restore(path):
         raise SpaceError(f"search {run.run_id}: no Ray Tune experiment to restore at {path} (moved or deleted?)")
-    with tempfile.TemporaryDirectory(prefix="slimtune-resume-") as work:
-        experiment = parse_space(yaml.safe_load((tracker.download(run.run_id, "config.yaml", work)).read_text()))
+    experiment = stored_experiment(tracker, run)
     log(f"resuming search {run.name} ({run.run_id}, {run.status}) of {name!r} with the config it was started with")
     layout = _writable(layout)
     splits = _checked_data(experiment, log)
-    with _ray(address, experiment, tracking_uri=uri, log=log) as experiment:
-        return _search(experiment, splits, layout=layout, uri=uri, storage=storage, resume=run, log=log)
+    with _ray(address, experiment, tracking_uri=uri, log=log, verbose=verbose) as experiment:
+        return _search(experiment, splits, layout=layout, uri=uri, storage=storage, resume=run, log=log, verbose=verbose)
+
+
+def stored_experiment(tracker: Tracker, search: RunRecord) -> Experiment:
+    """The resolved config a search was started with (its parent run's `config.yaml`)."""
+    with tempfile.TemporaryDirectory(prefix="slimtune-config-") as work:
+        return parse_space(yaml.safe_load((tracker.download(search.run_id, "config.yaml", work)).read_text()))
 
 
 def _writable(layout: Layout) -> Layout:
@@ -392,15 +346,15 @@ def _checked_data(experiment: Experiment, log: Log) -> Any:
 
 
 @contextlib.contextmanager
-def _ray(address: str | None, experiment: Experiment, *, tracking_uri: str, log: Log) -> Iterator[Experiment]:
+def _ray(address: str | None, experiment: Experiment, *, tracking_uri: str, log: Log, verbose: bool = False) -> Iterator[Experiment]:
     """Start or join Ray and check what the trials will need of it; yields the experiment with
     `search.max_concurrent` resolved."""
     import ray
 
     from search.cluster import check_gpus, check_tracking_uri, concurrency, configure_ray_environment, node_addresses, start_ray
 
-    configure_ray_environment()
-    joined = start_ray(address)
+    configure_ray_environment(verbose=verbose)
+    joined = start_ray(address, verbose=verbose)
     try:
         check_gpus(experiment.search.gpus_per_trial)  # before anything trains or is logged
         check_tracking_uri(tracking_uri, nodes=node_addresses())
@@ -450,7 +404,7 @@ def _preflight(experiment: Experiment, *, num_classes: int) -> None:
         raise SpaceError(f"model.arch: {error}; tested: {', '.join(TESTED_ARCHS)}") from None
 
 
-def _search(experiment: Experiment, splits: Any, *, layout: Layout, uri: str, storage: str | None, resume: RunRecord | None, log: Log) -> SearchOutcome:
+def _search(experiment: Experiment, splits: Any, *, layout: Layout, uri: str, storage: str | None, resume: RunRecord | None, log: Log, verbose: bool = False) -> SearchOutcome:
     from pipelines.export import load_model
     from pipelines.models import TESTED_ARCHS
     from pipelines.prune import macs_model, prunable_groups
@@ -504,7 +458,7 @@ def _search(experiment: Experiment, splits: Any, *, layout: Layout, uri: str, st
         try:
             seconds, interrupted = _run_trials(
                 experiment, layout, context, tracker=tracker, macs=macs, study_name=_study_name(experiment.name, tracker.get(parent_id)),
-                storage=storage, restore=resume is not None, log=log,
+                storage=storage, restore=resume is not None, log=log, verbose=verbose,
             )
         finally:
             _end_unfinished(tracker, parent_id, interrupted=interrupted)

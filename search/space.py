@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipelines.config import DataConfig, FinetuneConfig, ModelConfig
+from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TeacherConfig
 from search._helpers import UsageError
 
 __all__ = ["Range", "BudgetSpace", "SearchConfig", "Experiment", "SpaceError", "load_space", "parse_space", "to_dict"]
@@ -128,7 +128,7 @@ class Experiment:
     name: str  # the MLflow experiment name and the output sub-folder
     data: DataConfig
     model: ModelConfig = ModelConfig()
-    teacher: FinetuneConfig = FinetuneConfig(epochs=8)  # 8 AdamW epochs reach ~98% on the embedded task
+    teacher: TeacherConfig = TeacherConfig()  # the fuller recipe of pipelines.config.TeacherConfig: every trial's ceiling
     trial: FinetuneConfig = FinetuneConfig()
     search: SearchConfig = SearchConfig()
 
@@ -141,7 +141,7 @@ class Experiment:
                 image_size=min(32, self.data.image_size),
                 max_images_per_class=min(20, self.data.max_images_per_class or 20),
             ),
-            teacher=dataclasses.replace(self.teacher, epochs=1, bn_recalibration_batches=2),
+            teacher=dataclasses.replace(self.teacher, epochs=1, bn_recalibration_batches=2, warmup_epochs=0),
             trial=dataclasses.replace(self.trial, epochs=1, bn_recalibration_batches=2),
             search=dataclasses.replace(self.search, num_trials=min(2, self.search.num_trials), rungs=[], epoch_budget=None),
         )
@@ -177,6 +177,8 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 
     origin = typing.get_origin(hint)
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in typing.get_args(hint):
+            value = "on" if value else "off"  # YAML 1.1 reads a bare `off` (or `on`) as a boolean
         if value not in typing.get_args(hint):
             raise bad()
         return value
@@ -341,6 +343,11 @@ def validate(experiment: Experiment) -> Experiment:
         _check_positive(config.lr, f"{stage}.lr")
         if config.weight_decay < 0:
             raise SpaceError(f"{stage}.weight_decay: must be >= 0 (AdamW's decoupled decay), got {config.weight_decay:g}")
+    teacher = experiment.teacher
+    if not 0 <= teacher.warmup_epochs < teacher.epochs:
+        raise SpaceError(f"teacher.warmup_epochs: must be in [0, teacher.epochs - 1 = {teacher.epochs - 1}], got {teacher.warmup_epochs}")
+    if not 0 <= teacher.label_smoothing < 1:
+        raise SpaceError(f"teacher.label_smoothing: must be in [0, 1), got {teacher.label_smoothing:g}")
     for where, seed in (("data.seed", data.seed), ("teacher.seed", experiment.teacher.seed), ("trial.seed", experiment.trial.seed), ("search.seed", experiment.search.seed)):
         if not 0 <= seed < 2**32:  # what numpy's and Optuna's generators take
             raise SpaceError(f"{where}: must be in [0, 2**32 - 1], got {seed}")

@@ -16,6 +16,7 @@ trial the scheduler stops (Ray raises SystemExit inside `tune.report`) ends KILL
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import tempfile
 import time
@@ -30,10 +31,13 @@ from search.knobs import resolve, trial_params
 from search.space import Experiment
 from search.tracking import STOPPED_TAG
 
-__all__ = ["TrialContext", "run_tune_trial", "NODE_TAG", "NOT_KNOBS"]
+__all__ = ["TrialContext", "run_tune_trial", "run_job", "NODE_TAG", "NOT_KNOBS", "VERIFY_TAG", "SEED_TAG"]
 
 NODE_TAG = "slimtune.node_id"
-NOT_KNOBS = ("start_from", "start_from_run", "anchor")  # what the searcher adds to a trial's config
+VERIFY_TAG = "slimtune.verify_of"  # on a `verify` run: the front member's run it re-trains with another seed
+SEED_TAG = "slimtune.seed"  # on a `verify` run: its `trial.seed`
+# What the searcher (start_from*, anchor) or `verify` (seed, verify_of) adds to a trial's config.
+NOT_KNOBS = ("start_from", "start_from_run", "anchor", "seed", "verify_of")
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class TrialContext:
     groups: tuple[Group, ...]
     splits: Splits  # decoded once, by the driver
     teacher: dict[str, bytes]  # the teacher folder's files
+    role: str = "trial"  # the MLflow runs' role tag: `verify` runs are not trials of the search
 
 
 @functools.lru_cache(maxsize=4)
@@ -91,9 +96,13 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     if earlier is not None and earlier.status == "FINISHED":  # finished after Tune last saved its state: not rerun
         tune.report({**earlier.metrics, "final": True, "mlflow_run_id": earlier.run_id, **({"start_from": parent} if parent else {})})
         return
+    finetune = experiment.trial if "seed" not in config else dataclasses.replace(experiment.trial, seed=int(config["seed"]))
     if earlier is None:
         tags = {TRIAL_TAG: trial_id, NODE_TAG: node, **({ANCHOR_TAG: "true"} if config.get("anchor") else {})}
-        run_id, logged_through = tracker.start_run(f"trial-{trial_id}", role="trial", parent_id=context.parent_run_id, tags=tags), 0
+        if "verify_of" in config:
+            tags.update({VERIFY_TAG: config["verify_of"], SEED_TAG: str(finetune.seed)})
+        name = f"{context.role}-{trial_id}"
+        run_id, logged_through = tracker.start_run(name, role=context.role, parent_id=context.parent_run_id, tags=tags), 0
     else:
         run_id, logged_through = earlier.run_id, int(earlier.metrics.get("epoch", 0))
         tracker.reopen(run_id)
@@ -101,7 +110,7 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
     epoch = 0
     try:
         knobs = resolve({k: v for k, v in config.items() if k not in NOT_KNOBS}, experiment, context.groups)
-        tracker.log_params(run_id, {**knobs, "start_from": parent or "teacher"})
+        tracker.log_params(run_id, {**knobs, "start_from": parent or "teacher", "seed": finetune.seed})
 
         with tempfile.TemporaryDirectory(prefix="slimtune-trial-") as work:
             output_dir, checkpoint_dir, resume_dir = Path(work) / "model", Path(work) / "checkpoint", Path(work) / "resume"
@@ -122,7 +131,7 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
                 trial_params(knobs, experiment, context.groups),
                 data=experiment.data,
                 model=experiment.model,
-                finetune=experiment.trial,
+                finetune=finetune,
                 teacher_dir=unpack(context.teacher, Path(work) / "teacher"),
                 output_dir=output_dir,
                 start_from=None if parent is None or checkpoint else tracker.download(config["start_from_run"], "model", Path(work) / "parent"),
@@ -133,7 +142,7 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
             )
             (output_dir / "config.yaml").write_text(context.config_yaml)
             final["seconds"] = time.perf_counter() - started
-            tracker.log_metrics(run_id, final, step=experiment.trial.epochs)
+            tracker.log_metrics(run_id, final, step=finetune.epochs)
             tracker.log_artifacts(run_id, output_dir, "model")
         tracker.end_run(run_id, "FINISHED")
     except SystemExit:
@@ -149,3 +158,9 @@ def run_tune_trial(config: dict[str, Any], context: TrialContext) -> None:
         raise
     # Report only after the run is FINISHED, so a trial Tune counts as done is done in MLflow too.
     tune.report({**final, "final": True, "mlflow_run_id": run_id, **({"start_from": parent} if parent else {})})
+
+
+def run_job(config: dict[str, Any], context: TrialContext, jobs: tuple[dict[str, Any], ...]) -> None:
+    """`run_tune_trial` of the fixed trial config `jobs[config["job"]]`: how `verify` runs a list of
+    configs through Tune (a grid over their indices) instead of a searcher's suggestions."""
+    run_tune_trial(jobs[int(config["job"])], context)

@@ -89,6 +89,9 @@ _RESUMABLE = [
     # The sparsity epoch is epoch 1: the checkpoint must count it.
     pytest.param(replace(TARGET, bn_sparsity=1e-4), 2, id="one-shot-mid-training"),
     pytest.param(replace(TARGET, bn_sparsity=1e-4), 3, id="one-shot-after-the-last-epoch"),
+    # trial.augment flip: the flips come from each epoch's seeded batch stream, the KD from the
+    # mirror logits of the train images kept after the selection split.
+    pytest.param(replace(TARGET, schedule="iterative", rounds=2, max_drop=0.0), 2, "flip", id="iterative-flip-mid-round-2"),
     # Round 1 is epoch 1, round 2 epochs 2-3: dies mid-round 2, with the round-1 model kept for a
     # revert and the source-KD head and AFD attention trained since epoch 1.
     pytest.param(
@@ -106,14 +109,16 @@ _RESUMABLE = [
 ]
 
 
-@pytest.mark.parametrize(("params", "died_after"), _RESUMABLE)
-def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(teacher: dict, params: TrialParams, died_after: int) -> None:
+@pytest.mark.parametrize(("params", "died_after", "augment"), [p if len(p.values) == 3 else pytest.param(*p.values, "none", id=p.id) for p in _RESUMABLE])
+def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(
+    teacher: dict, params: TrialParams, died_after: int, augment: str
+) -> None:
     """The process 'dies' right after epoch `died_after` was checkpointed; the resumed trial runs
     only the later epochs and ends with the same metrics and weights, bit for bit."""
     from safetensors.torch import load_file
 
-    finetune = replace(FINETUNE, epochs=3)
-    work = teacher["work"] / f"resume-{abs(hash((str(params), died_after)))}"
+    finetune = replace(FINETUNE, epochs=3, augment=augment)
+    work = teacher["work"] / f"resume-{abs(hash((str(params), died_after, augment)))}"
     uninterrupted, whole_epochs = _run(teacher, params, f"{work.name}/whole", finetune=finetune)
     checkpoint = work / "checkpoint"
 
@@ -132,6 +137,45 @@ def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(teache
     assert resumed == uninterrupted
     whole, again = load_file(work / "whole" / "model.safetensors"), load_file(work / "resumed" / "model.safetensors")
     assert whole.keys() == again.keys() and all(torch.equal(whole[k], again[k]) for k in whole)
+
+
+def _teacher_copy(teacher: dict, name: str, **logits: torch.Tensor | None) -> dict:
+    """The teacher folder copied, with its stored train logits replaced (a None value: left out)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.trial import TEACHER_LOGITS_FILE
+
+    copy = teacher["work"] / name
+    shutil.copytree(teacher["dir"], copy)
+    stored = {**load_file(copy / TEACHER_LOGITS_FILE), **logits}
+    save_file({k: v for k, v in stored.items() if v is not None}, copy / TEACHER_LOGITS_FILE)
+    return {**teacher, "dir": copy}
+
+
+def test_an_older_teacher_without_mirror_logits_runs_augment_none_and_refuses_flip(teacher: dict) -> None:
+    older = _teacher_copy(teacher, "teacher-without-mirror-logits", mirror_logits=None)
+    plain, _ = _run(teacher, TARGET, "plain-none")
+    from_older, _ = _run(older, TARGET, "older-none")
+    assert from_older == plain
+    with pytest.raises(ValueError, match=r"trial\.augment: flip needs the teacher's logits of the mirrored train images.*set trial\.augment: none"):
+        _run(older, TARGET, "older-flip", finetune=replace(FINETUNE, augment="flip"))
+
+
+def test_a_flip_trial_distils_from_the_stored_mirror_logits(teacher: dict) -> None:
+    """Mirror logits rolled to other classes train another student; augment none never reads them."""
+    from safetensors.torch import load_file
+
+    from pipelines.trial import TEACHER_LOGITS_FILE
+
+    mirror = load_file(teacher["dir"] / TEACHER_LOGITS_FILE)["mirror_logits"]
+    wrong = _teacher_copy(teacher, "teacher-with-wrong-mirror-logits", mirror_logits=mirror.roll(1, dims=1).contiguous())
+    flip = replace(FINETUNE, augment="flip")
+    _run(teacher, TARGET, "flip-right", finetune=flip)
+    _run(wrong, TARGET, "flip-wrong", finetune=flip)
+    right, other = (load_file(teacher["work"] / name / "model.safetensors") for name in ("flip-right", "flip-wrong"))
+    assert not all(torch.equal(right[k], other[k]) for k in right)
 
 
 def test_a_source_kd_head_is_trained_across_rounds_not_rebuilt(teacher: dict) -> None:

@@ -218,6 +218,37 @@ def test_a_models_uri_with_an_alias_downloads_with_plain_mlflow_and_loads(search
         assert model(torch.zeros(2, 3, spec["image_size"], spec["image_size"])).shape == (2, len(spec["classes"]))
 
 
+def test_verify_trains_each_member_again_logs_the_means_and_fetch_chooses_on_them(searched: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before the corrupt-teacher test below: verify trains with the search's teacher."""
+    from search.trainable import SEED_TAG, VERIFY_TAG
+    from search.verify import RANK_TAG, VERIFIED_FRONT_TAG
+
+    work, tracker, search = searched["work"], searched["tracker"], searched["search_id"]
+    monkeypatch.chdir(work)
+    unverified = _slimtune("fetch", "tiny", "--max-macs", "1G", "--verified", "--search", search, cwd=work)
+    assert unverified.returncode == 2 and "--verified: search" in unverified.stderr and "slimtune verify tiny" in unverified.stderr
+    assert main(["verify", "tiny", "--seeds", "2", "--search", search]) == 0
+    members = _front_members(searched)
+    reruns = tracker.children(search, role="verify")
+    assert sorted(r.tags[VERIFY_TAG] for r in reruns) == sorted(m.run_id for m in members)
+    assert all(r.status == "FINISHED" and r.tags[SEED_TAG] == "1" and r.params["seed"] == "1" for r in reruns)
+    for member in (tracker.get(m.run_id) for m in members):
+        (rerun,) = [r for r in reruns if r.tags[VERIFY_TAG] == member.run_id]
+        assert {k: v for k, v in rerun.params.items() if k != "seed"} == {k: v for k, v in member.params.items() if k != "seed"}
+        assert member.metrics["verified_seeds"] == 2
+        assert member.metrics["test_accuracy_mean"] == pytest.approx((member.metrics["test_accuracy"] + rerun.metrics["test_accuracy"]) / 2)
+        assert RANK_TAG in member.tags and member.tags[VERIFIED_FRONT_TAG] in ("true", "false")
+    assert "verified_hypervolume" in tracker.get(search).metrics
+    again = io.StringIO()
+    with contextlib.redirect_stdout(again):
+        assert main(["verify", "tiny", "--seeds", "2", "--search", search]) == 0
+    assert "0 fine-tune(s) to run" in again.getvalue() and len(tracker.children(search, role="verify")) == len(reruns)
+    fetched = _slimtune("fetch", "tiny", "--max-macs", "1G", "--verified", "--search", search, "-o", "verified-model", cwd=work)
+    assert fetched.returncode == 0, fetched.stderr
+    kept = {m.tags["slimtune.trial_id"] for m in (tracker.get(m.run_id) for m in members) if m.tags[VERIFIED_FRONT_TAG] == "true"}
+    assert any(f"trial {trial}," in fetched.stdout for trial in kept)
+
+
 def test_fetch_under_too_small_budget_is_a_one_line_error(searched: dict) -> None:
     result = _slimtune("fetch", "tiny", "--max-macs", "1K", cwd=searched["work"])
     assert result.returncode == 2
@@ -380,3 +411,49 @@ def test_front_members_get_cpu_latency_metrics_once_and_runs_shows_them(searched
     start = lines[0].index("torch b1 ms")
     cells = [line[start:].split()[0] for line in lines[2:]]  # blank ("-") for trials off the front
     assert [cell != "-" for cell in cells] == [row["front"] for row in rows] and all(float(c) > 0 for c in cells if c != "-")
+
+
+@pytest.mark.parametrize(("name", "magic"), [("front.html", b"<!DOCTYPE html>"), ("front.png", b"\x89PNG")])
+def test_pareto_plot_writes_the_format_its_suffix_names(searched: dict, name: str, magic: bytes) -> None:
+    work: Path = searched["work"]
+    result = _slimtune("pareto", "tiny", "--plot", name, "--search", searched["search_id"], cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == f"plot: wrote {name}" and (work / name).read_bytes().startswith(magic)
+    if name.endswith(".html"):
+        text = (work / name).read_text()
+        for run in _front_members(searched):
+            assert f'data-trial="{run.tags["slimtune.trial_id"]}" data-front="true"' in text
+
+
+def test_pareto_plot_with_another_suffix_is_a_one_line_error(searched: dict) -> None:
+    result = _slimtune("pareto", "tiny", "--plot", "front.txt", "--search", searched["search_id"], cwd=searched["work"])
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("slimtune: error: --plot front.txt:") and ".html, .png" in result.stderr
+    assert not (searched["work"] / "front.txt").exists()
+
+
+def test_the_search_logs_front_html_and_a_width_chart_on_each_front_member(searched: dict) -> None:
+    tracker: Tracker = searched["tracker"]
+    logged = {a.path for a in tracker.client.list_artifacts(searched["search_id"])}
+    assert {"front.png", "front.html"} <= logged
+    members = {r.run_id for r in _front_members(searched)}
+    assert members
+    for run in tracker.children(searched["search_id"], role="trial"):
+        has_chart = "widths.png" in {a.path for a in tracker.client.list_artifacts(run.run_id)}
+        assert has_chart == (run.run_id in members), run.tags["slimtune.trial_id"]
+    chart = tracker.download(next(iter(members)), "widths.png", searched["work"] / "widths")
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+# What Ray and Tune print on stdout by default (and with --verbose): Tune's boxes and tables (its
+# new output engine), its legacy status table, the trial workers' output "(run_tune_trial pid=...)".
+# Ray's own log lines ("Started a local Ray instance", ...) go to stderr.
+RAY_OUTPUT = ("Configuration for experiment", "View detailed results here", "Trial status:", "Logical resource usage",
+              "started with configuration", "completed after", "== Status ==", "pid=")
+
+
+def test_a_piped_search_prints_none_of_rays_banners_or_tables_nor_control_characters(searched: dict) -> None:
+    out = searched["stdout"]
+    assert [s for s in RAY_OUTPUT if s in out] == [], out[-3000:]
+    assert "\x1b" not in out and "\r" not in out
+    assert re.search(r"^\[3/3\] trial \w+: .*; 3/3 done$", out, re.M)  # piped: the count on each completion line

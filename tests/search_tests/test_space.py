@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipelines.config import DataConfig, FinetuneConfig, ModelConfig
+from pipelines.config import DataConfig, ModelConfig, TeacherConfig
 from search.space import (
     BudgetSpace,
     Experiment,
@@ -364,6 +364,24 @@ def test_to_dict_is_plain_data(raw: dict[str, Any]) -> None:
     walk(to_dict(parse_space(_custom_raw(raw))))
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("class_balance: off", "off"), ("class_balance: auto", "auto"), ("keep: best", "best"), ("augment: flip", "flip"),
+     ("warmup_epochs: 2", 2), ("label_smoothing: 0.2", 0.2)],
+)  # fmt: skip
+def test_teacher_recipe_keys_parse(raw: dict[str, Any], text: str, expected: Any) -> None:
+    """A bare YAML `off` is a boolean to PyYAML: read as the choice it spells."""
+    raw["teacher"] = yaml.safe_load(text)
+    (key,) = raw["teacher"]
+    assert getattr(parse_space(raw).teacher, key) == expected
+
+
+def test_trial_augment_parses_and_stays_a_trial_key(raw: dict[str, Any]) -> None:
+    raw["trial"] = yaml.safe_load("augment: flip")
+    experiment = parse_space(raw)
+    assert experiment.trial.augment == "flip" and experiment.teacher.augment == TeacherConfig().augment
+
+
 def test_dataclass_defaults_match_module_defaults() -> None:
     assert SearchConfig().budgets == BudgetSpace()
-    assert Experiment(name="x", data=DataConfig(path="p")).teacher == FinetuneConfig(epochs=8)
+    assert Experiment(name="x", data=DataConfig(path="p")).teacher == TeacherConfig()
