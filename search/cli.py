@@ -308,7 +308,7 @@ def _load_front(args: argparse.Namespace, tracker=None, *, say=print):
 
 
 def _pareto(args: argparse.Namespace) -> None:
-    from search.report import PLOT_SUFFIXES
+    from search.plots import PLOT_SUFFIXES
 
     plot = Path(args.plot) if args.plot is not None else None
     if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
@@ -319,7 +319,7 @@ def _pareto(args: argparse.Namespace) -> None:
         return
     if not front.finished:
         raise UsageError(f"--plot {plot}: search {front.search.run_id} has no finished trial to plot; nothing was written")
-    from search.report import plot_search_front
+    from search.plots import plot_search_front
 
     try:
         plot_search_front(front, name=args.experiment, path=plot)
@@ -460,32 +460,15 @@ def _write_onnx(directory: Path, *, run_id: str) -> Exception | None:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from search._helpers import format_count
     from search.front import METRIC_PARAM
+    from search.report import verify_table
     from search.verify import verify_search
 
     done = verify_search(
         args.experiment, output=_output(args), seeds=args.seeds, tracking_uri=args.tracking_uri, address=args.address, search_id=args.search, verbose=args.verbose
     )
-    key = done.search.params.get(METRIC_PARAM, "accuracy")
-    label = {"accuracy": "acc", "balanced_accuracy": "bal acc"}[key]
     print(f"\nVerified front of {args.experiment!r} (search {done.search.run_id}), mean +- sd over the seeds:")
-    header = ("trial", "seeds", f"val {label}", f"test {label}", "MACs", "rank", "on front")
-    lines = [
-        (
-            m.run.tags.get("slimtune.trial_id", m.run.name),
-            str(m.seeds),
-            f"{m.run.metrics[f'val_{key}']:.3f} +- {m.sd.get(f'val_{key}', 0.0):.3f}",
-            f"{m.run.metrics[f'test_{key}']:.3f} +- {m.sd.get(f'test_{key}', 0.0):.3f}",
-            format_count(m.run.metrics["macs"]),
-            f"{m.rank} -> {m.verified_rank}" + (" *" if m.rank != m.verified_rank else ""),
-            "yes" if m.on_front else "no",
-        )
-        for m in done.members
-    ]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    for line in (header, tuple("-" * w for w in widths), *lines):
-        print("  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths)))
+    print(verify_table(done.members, metric=done.search.params.get(METRIC_PARAM, "accuracy")))
     changed = sum(m.rank != m.verified_rank for m in done.members)
     left = sum(not m.on_front for m in done.members)
     print(f"{changed} member(s) changed rank (*), {left} left the front selected on the means")

@@ -232,7 +232,8 @@ def _publish_front(
     tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout, *, epochs: int, seconds: float, log: Log
 ) -> None:
     from search.registry import publish_front_registry
-    from search.report import front_csv, front_json, front_rows, kept_fractions, plot_search_front, plot_widths
+    from search.plots import kept_fractions, plot_search_front, plot_widths
+    from search.report import front_csv, front_json, front_rows
 
     members = {r.run_id for r in front.front}
     for run in front.trials:

@@ -10,7 +10,8 @@ import pytest
 
 from search._helpers import format_count
 from search.front import SearchFront, select_front
-from search.report import front_rows, kept_fractions, plot_front_html, plot_search_front, plot_widths
+from search.plots import kept_fractions, plot_front_html, plot_search_front, plot_widths
+from search.report import front_rows
 from search.tracking import RunRecord
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -73,3 +73,13 @@ def test_a_members_logged_params_give_back_the_knobs_it_ran_with(preset: str, fo
         config = _job(member, 7, experiment=experiment, groups=GROUPS, parents={"t_00002": "run-of-t2"})
         assert (config["seed"], config["verify_of"], config["start_from"], config["start_from_run"]) == (7, "m", "t_00002", "run-of-t2")
         assert resolve({k: v for k, v in config.items() if k not in NOT_KNOBS}, experiment, GROUPS) == knobs
+
+
+def test_the_table_stars_the_members_whose_rank_changed() -> None:
+    from search.report import verify_table
+
+    members = [_run("a", val=0.80, test=0.79, macs=1e6), _run("b", val=0.83, test=0.82, macs=2e6)]
+    table = verify_table(summarise(members, [_rerun("b", 1, val=0.71, test=0.70, macs=2e6)]))
+    a, b = table.splitlines()[2:]
+    assert a.split()[:2] == ["a", "1"] and "2 -> 1 *" in a and a.rstrip().endswith("yes")
+    assert "0.770 +- 0.085" in b and "1 -> 2 *" in b and b.rstrip().endswith("no")
