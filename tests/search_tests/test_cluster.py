@@ -114,7 +114,7 @@ def test_trials_ran_on_two_nodes_and_finished(searched: dict) -> None:
 
 def test_trials_wrote_nothing_to_the_output_folder(searched: dict) -> None:
     output = searched["work"] / "slimtune-runs"
-    assert sorted(p.name for p in (output / "cluster").iterdir() if not p.name.startswith("teacher-")) == ["config.yaml", "front.png", "optuna.db", "ray"]
+    assert sorted(p.name for p in (output / "cluster").iterdir() if not p.name.startswith("teacher-")) == ["config.yaml", "front.html", "front.png", "optuna.db", "ray"]
     assert not any((output / "mlartifacts").iterdir())  # the server holds the artifacts
 
 
