@@ -262,14 +262,13 @@ def batches(
     batch_size: int,
     shuffle: bool = False,
     seed: int = 0,
-    flip: bool = False,
     augment: str = "none",
     views: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Yield (images, labels, indices into the split), all on the split's device. The order comes
     from a CPU generator seeded by `seed`: the same on every device.
 
-    `augment` (`AUGMENTS`; `flip=True` is `augment="flip"`): flip mirrors a random half of each
+    `augment` (`AUGMENTS`): flip mirrors a random half of each
     batch; crop_flip first crops each image at its own random box and resizes it back
     (`random_resized_crop`), then flips. Drawn from the same generator: a batch's augmentation is
     fixed by `seed`. `views` (with flip only): the yielded index is the row of each image's view in
@@ -278,7 +277,6 @@ def batches(
 
     A last batch of one image joins the one before (`num_batches`): train-mode BatchNorm cannot
     normalise a single image's 1 x 1 feature maps, which small inputs reach."""
-    augment = "flip" if flip and augment == "none" else augment
     if augment not in AUGMENTS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     if views and augment != "flip":

@@ -235,7 +235,7 @@ def test_batches_flip_normalized_channels_last(folder: Path) -> None:
     split = Split(images=images, labels=split.labels)
     seen = []
     flipped = 0
-    for x, y, index in batches(split, batch_size=4, shuffle=True, seed=3, flip=True):
+    for x, y, index in batches(split, batch_size=4, shuffle=True, seed=3, augment="flip"):
         assert x.dtype == torch.float32
         assert x.shape[1:] == (3, 16, 16)
         assert x.is_contiguous(memory_format=torch.channels_last)

@@ -34,13 +34,13 @@ def test_device_of_a_model_and_of_one_without_tensors() -> None:
     assert device_of(torch.nn.ReLU()) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("flip", [False, True])
-def test_batches_stay_on_the_splits_device(flip: bool) -> None:
+@pytest.mark.parametrize("augment", ["none", "flip"])
+def test_batches_stay_on_the_splits_device(augment: str) -> None:
     images = torch.randint(0, 256, (10, 3, 4, 4), dtype=torch.uint8)
     split = Split(images=images, labels=torch.arange(10))
-    on_cpu = list(batches(split, batch_size=4, shuffle=True, seed=3, flip=flip))
+    on_cpu = list(batches(split, batch_size=4, shuffle=True, seed=3, augment=augment))
     elsewhere = Splits(train=split, val=split, test=split, classes=("a",)).to("meta").train
-    moved = list(batches(elsewhere, batch_size=4, shuffle=True, seed=3, flip=flip))
+    moved = list(batches(elsewhere, batch_size=4, shuffle=True, seed=3, augment=augment))
     assert len(moved) == len(on_cpu) == 3
     for (x, y, index), (mx, my, mindex) in zip(on_cpu, moved):
         assert {mx.device.type, my.device.type, mindex.device.type} == {"meta"}
