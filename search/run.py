@@ -24,7 +24,7 @@ from search.space import Experiment, SpaceError, parse_space, to_dict
 from search.teacher import ensure_teacher
 from search.tracking import INTERRUPTED_TAG, PARETO_TAG, RAY_STORAGE_TAG, TRIAL_TAG, RunRecord, Tracker
 
-__all__ = ["run_search", "resume_search", "stored_experiment", "SearchOutcome", "SearchInterrupted"]
+__all__ = ["run_search", "resume_search", "open_store", "stored_experiment", "SearchOutcome", "SearchInterrupted"]
 
 Log = Callable[[str], None]
 
@@ -294,11 +294,7 @@ def resume_search(
     storage: resume only from storage you control."""
     from ray import tune
 
-    layout = Layout.at(output, name)
-    uri = tracking_uri or layout.tracking_uri
-    if tracking_uri is None and not layout.tracking_db.exists():
-        raise SpaceError(f"no searches in {layout.root}; pass the --output / --tracking-uri the search used")
-    tracker = Tracker(uri, name)
+    layout, uri, tracker = open_store(name, output=output, tracking_uri=tracking_uri)
     run = tracker.search_run(search_id) if search_id else tracker.latest_search(unfinished=True)
     if run is None:
         which = f"no search run {search_id}" if search_id else "no unfinished search"
@@ -315,6 +311,16 @@ def resume_search(
     splits = _checked_data(experiment, log)
     with _ray(address, experiment, tracking_uri=uri, log=log, verbose=verbose) as experiment:
         return _search(experiment, splits, layout=layout, uri=uri, storage=storage, resume=run, log=log, verbose=verbose)
+
+
+def open_store(name: str, *, output: str | Path, tracking_uri: str | None) -> tuple[Layout, str, Tracker]:
+    """The output layout, tracking URI and tracker of the searches of experiment `name` that
+    `--output` / `--tracking-uri` name; a default store that does not exist is one line."""
+    layout = Layout.at(output, name)
+    uri = tracking_uri or layout.tracking_uri
+    if tracking_uri is None and not layout.tracking_db.exists():
+        raise SpaceError(f"no searches in {layout.root}; pass the --output / --tracking-uri the search used")
+    return layout, uri, Tracker(uri, name)
 
 
 def stored_experiment(tracker: Tracker, search: RunRecord) -> Experiment:

@@ -25,9 +25,8 @@ import yaml
 
 from search.front import front_hypervolume, hypervolume_scale, load_front, select_front
 from search.knobs import knob_ranges
-from search.layout import Layout
 from search.space import Experiment, SpaceError, to_dict
-from search.tracking import RAY_STORAGE_TAG, TRIAL_TAG, RunRecord, Tracker
+from search.tracking import RAY_STORAGE_TAG, TRIAL_TAG, RunRecord
 from search.trainable import SEED_TAG, VERIFY_TAG
 
 __all__ = ["verify_search", "summarise", "verified_front", "Verification", "VerifiedMember", "VERIFIED_FRONT_TAG", "RANK_TAG"]
@@ -128,16 +127,12 @@ def verify_search(
     from pipelines.prune import prunable_groups
     from search.cluster import pack
     from search.progress import progress_callback
-    from search.run import _checked_data, _end_unfinished, _ray, stored_experiment
+    from search.run import _checked_data, _end_unfinished, _ray, open_store, stored_experiment
     from search.trainable import TrialContext, run_job
 
     if seeds < 2:
         raise SpaceError(f"--seeds: {seeds} is not enough to verify anything; give 2 or more (the search's own run is the first seed)")
-    layout = Layout.at(output, name)
-    uri = tracking_uri or layout.tracking_uri
-    if tracking_uri is None and not layout.tracking_db.exists():
-        raise SpaceError(f"no searches in {layout.root}; pass the --output / --tracking-uri the search used")
-    tracker = Tracker(uri, name)
+    layout, uri, tracker = open_store(name, output=output, tracking_uri=tracking_uri)
     front = load_front(tracker, name, search_id=search_id)
     if not front.front:
         raise SpaceError(f"search {front.search.run_id} of {name!r} has no finished trial to verify")
@@ -191,9 +186,11 @@ def verify_search(
                 tuner.fit()
             finally:
                 _end_unfinished(tracker, search_id, role="verify")
-    reruns = [r for r in tracker.children(search_id, role="verify") if r.status == "FINISHED" and f"val_{metric}" in r.metrics]
-    mine = {m.run_id for m in front.front}
-    reruns = [r for r in reruns if r.tags.get(VERIFY_TAG) in mine and int(r.tags.get(SEED_TAG, base)) < base + seeds]
+    wanted = {(m.run_id, str(base + k)) for m in front.front for k in range(1, seeds)}  # this verify's member and seed pairs
+    reruns = [
+        r for r in tracker.children(search_id, role="verify")
+        if r.status == "FINISHED" and f"val_{metric}" in r.metrics and (r.tags.get(VERIFY_TAG), r.tags.get(SEED_TAG)) in wanted
+    ]
     members = summarise(front.front, reruns, metric=metric)
     for member in members:
         means = {f"{n}_mean": member.run.metrics[n] for n in SUMMARISED if n in member.sd}
