@@ -25,7 +25,7 @@ import torch
 
 
 def _throughput(data, model, finetune, splits, device: str, work: Path) -> float:
-    from pipelines.trial import train_teacher
+    from pipelines.teacher import train_teacher
 
     start = time.perf_counter()
     train_teacher(data=data, model=model, finetune=finetune, output_dir=work / f"teacher-{device}-{finetune.amp}", splits=splits, device=device)

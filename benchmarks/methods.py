@@ -34,7 +34,8 @@ from pipelines.gating import add_stage_gates, default_gate_layers
 from pipelines.importance import ScoringData, module_scores
 from pipelines.macs import count_macs
 from pipelines.prune import group_scores_by_name, prunable_groups, prune_to_counts
-from pipelines.trial import run_trial, train_teacher
+from pipelines.teacher import train_teacher
+from pipelines.trial import run_trial
 
 from _tasks import prepare_task
 

@@ -7,7 +7,8 @@ accuracy and test balanced accuracy, mean +- sd over seeds (the teacher's seed; 
 fixed), and the fine-tune's wall time as a ratio to today's recipe on the same task.
 
 Trials: one uniform-L1 + KD trial at ~0.1x the teacher's MACs (the knob bisected as
-benchmarks/methods.py does) from the default-recipe teacher, with `trial.augment` none vs flip;
+benchmarks/methods.py does) from the default-recipe teacher, with each of TRIAL_RECIPES: no
+augmentation, flip from the stored mirror logits, flip and crop_flip from the teacher run online;
 and the cost of the mirror logits the teacher stores for flip, as a ratio to the teacher's
 fine-tune, both timed in the same process.
 
@@ -31,7 +32,8 @@ import torch
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TeacherConfig
 from pipelines.data import Split, load_data
 from pipelines.train import predict_logits
-from pipelines.trial import run_trial, train_teacher
+from pipelines.teacher import train_teacher
+from pipelines.trial import run_trial
 
 from _tasks import prepare_fashion_mnist, prepare_task
 
@@ -64,6 +66,13 @@ EARLIER = {
     "... + crop_flip, no warm-up, no smoothing": replace(WARM, augment="crop_flip", warmup_epochs=0, label_smoothing=0.0),
 }
 TASKS = ("animal_mnist", "fashion_mnist", "fashion_imbalanced")
+# A trial's augmentation and where its KD targets come from (`trial.augment`, `trial.teacher_logits`).
+TRIAL_RECIPES = {
+    "none": {},
+    "flip": {"augment": "flip"},
+    "flip, online teacher": {"augment": "flip", "teacher_logits": "online"},
+    "crop_flip, online teacher": {"augment": "crop_flip", "teacher_logits": "online"},
+}
 
 
 def task_data(task: str, work: Path, per_class: int) -> DataConfig:
@@ -100,8 +109,8 @@ def _trial_job(job: tuple) -> dict:
     params = concrete(method("uniform L1 + KD (spine)", knob), Path(teacher_dir))
     started = time.perf_counter()
     metrics = run_trial(
-        params, data=data, model=MODEL, finetune=FinetuneConfig(epochs=3, seed=seed, augment=augment),
-        teacher_dir=teacher_dir, output_dir=work / f"trial-{task}-{augment}-{seed}",
+        params, data=data, model=MODEL, finetune=FinetuneConfig(epochs=3, seed=seed, **TRIAL_RECIPES[augment]),
+        teacher_dir=teacher_dir, output_dir=work / f"trial-{task}-{augment.replace(' ', '_').replace(',', '')}-{seed}",
     )  # fmt: skip
     return {"kind": "trial", "task": task, "augment": augment, "seed": seed, "seconds": time.perf_counter() - started,
             **{k: v for k, v in metrics.items() if not k.startswith("kept.")}}  # fmt: skip
@@ -173,21 +182,25 @@ def report(rows: list[dict], seeds: list[int], per_class: int) -> str:
     if trials:
         lines += [
             "",
-            "## Trial augmentation (`trial.augment`): uniform L1 + KD (alpha 0.5, T 4), 3 epochs, from the default-recipe teacher (seed 0)",
+            "## Trial augmentation (`trial.augment`, `trial.teacher_logits`): uniform L1 + KD (alpha 0.5, T 4), 3 epochs,"
+            " from the default-recipe teacher (seed 0)",
             "",
-            "| task | MACs ratio | none: test acc | flip: test acc | none: bal. acc | flip: bal. acc | time flip / none |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "Time: the trials' summed wall time as a ratio to `none`'s on the same task, all run in one process pool, two at a time.",
+            "",
+            "| task | trial recipe | MACs ratio | test acc | test bal. acc | time / none |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for task in TASKS:
-            by = {a: [r for r in trials if r["task"] == task and r["augment"] == a] for a in ("none", "flip")}
-            if not by["none"] and not by["flip"]:
-                continue
-            macs = _mean_sd([r["macs_ratio"] for r in by["none"] + by["flip"]])
-            ratio = f"{sum(r['seconds'] for r in by['flip']) / sum(r['seconds'] for r in by['none']):.2f}x" if by["none"] and by["flip"] else "-"
-            lines.append(
-                f"| {task} | {macs} | {_mean_sd([r['test_accuracy'] for r in by['none']])} | {_mean_sd([r['test_accuracy'] for r in by['flip']])}"
-                f" | {_mean_sd([r['test_balanced_accuracy'] for r in by['none']])} | {_mean_sd([r['test_balanced_accuracy'] for r in by['flip']])} | {ratio} |"
-            )
+            none = [r for r in trials if r["task"] == task and r["augment"] == "none"]
+            for name in TRIAL_RECIPES:
+                mine = [r for r in trials if r["task"] == task and r["augment"] == name]
+                if not mine:
+                    continue
+                ratio = f"{sum(r['seconds'] for r in mine) / sum(r['seconds'] for r in none):.2f}x" if none else "-"
+                lines.append(
+                    f"| {task} | {name} | {_mean_sd([r['macs_ratio'] for r in mine])} | {_mean_sd([r['test_accuracy'] for r in mine])}"
+                    f" | {_mean_sd([r['test_balanced_accuracy'] for r in mine])} | {ratio} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +228,7 @@ def main() -> None:
     jobs.sort(key=lambda j: j[0] == "fashion_imbalanced")
     _run(jobs, _teacher_job, args.workers, results, rows)
     trial_jobs = []
-    for task in [t for t in args.trial_tasks if any((t, a, seed, "trial") not in have for a in ("none", "flip") for seed in args.seeds)]:
+    for task in [t for t in args.trial_tasks if any((t, a, seed, "trial") not in have for a in TRIAL_RECIPES for seed in args.seeds)]:
         teacher = next((r for r in rows if r["kind"] == "teacher" and r["task"] == task and r["recipe"] == default_name() and r["seed"] == 0), None)
         if teacher is None:
             print(f"{task}: no default-recipe teacher at seed 0; skipping its trials", flush=True)
@@ -223,7 +236,7 @@ def main() -> None:
         from methods import knob_for_budget  # bisects the uniform keep ratio to the budget (MACs before training)
 
         knob = knob_for_budget("uniform L1 + KD (spine)", args.trial_budget, data[task], Path(teacher["dir"]))
-        trial_jobs += [(task, augment, seed, data[task], teacher["dir"], knob[0], work) for seed in args.seeds for augment in ("none", "flip")
+        trial_jobs += [(task, augment, seed, data[task], teacher["dir"], knob[0], work) for seed in args.seeds for augment in TRIAL_RECIPES
                        if (task, augment, seed, "trial") not in have]  # fmt: skip
     _run(trial_jobs, _trial_job, args.workers, results, rows)
     text = report(rows, args.seeds, args.per_class)

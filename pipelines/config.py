@@ -23,7 +23,9 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class TrainConfig:
+    """What every fine-tune shares: the teacher's (`TeacherConfig`) and each trial's (`FinetuneConfig`)."""
+
     epochs: int = 3  # fine-tune length dominates accuracy at low budgets; 3 keeps a trial ~1 min on CPU
     batch_size: int = 32
     lr: float = 1e-3  # AdamW; SGD is very lr-sensitive on small targets
@@ -31,13 +33,23 @@ class FinetuneConfig:
     bn_recalibration_batches: int = 10  # EagleEye: re-estimate BN statistics before scoring a pruned net
     seed: int = 0
     amp: bool = True  # bf16 autocast on CUDA (about 2x the throughput of fp32); no effect on the CPU
-    # Trials: flip trains each step on the image or its mirror, distilling from the teacher's stored
-    # logits of that same view. none: flip lost 5 points at 0.1x MACs in 3 epochs (README).
-    augment: Literal["none", "flip"] = "none"
 
 
 @dataclass(frozen=True)
-class TeacherConfig(FinetuneConfig):
+class FinetuneConfig(TrainConfig):
+    """A trial's fine-tune (the space's `trial:`)."""
+
+    # flip trains each step on the image or its mirror, crop_flip on a random-resized crop of it,
+    # then flipped. none: flip lost 5 points at 0.1x MACs in 3 epochs (README).
+    augment: Literal["none", "flip", "crop_flip"] = "none"
+    # Where the KD targets come from: stored (the teacher's logits of each train image, and of its
+    # mirror, computed once) or online (the teacher run on every augmented batch: any augment,
+    # at the cost of one teacher forward pass per step). crop_flip needs online.
+    teacher_logits: Literal["stored", "online"] = "stored"
+
+
+@dataclass(frozen=True)
+class TeacherConfig(TrainConfig):
     """The dense teacher's fine-tune: every trial's ceiling. Defaults measured on Animal-MNIST,
     Fashion-MNIST and a 200/60/20 Fashion-MNIST subset (README, "Teacher and trial recipes")."""
 

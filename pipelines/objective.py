@@ -72,14 +72,17 @@ def make_objective(
     student: nn.Module,
     tracer: nn.Module | None,
     parts: nn.ModuleDict,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    teacher: nn.Module | None = None,
     source: SourceNet | None,
     delta: dict[str, torch.Tensor] | None,
     weight_decay: float,
     class_weights: torch.Tensor | None,
 ) -> TrialObjective:
     """`losses` wired to the student as it is now. `tracer`: the pretrained network pruned in step
-    with the student (L2-SP's anchors, and the kept channels' indices); `parts`: `learned_parts`."""
+    with the student (L2-SP's anchors, and the kept channels' indices); `parts`: `learned_parts`.
+    The KD targets: the rows `index` of `teacher_logits`, or, with `teacher`, that frozen network
+    run on the student's own (augmented) input batch."""
     context: dict = {}
     cleanups: list[Callable[[], None]] = []
     head = head_name(student)
@@ -99,7 +102,7 @@ def make_objective(
         tap = FeatureTap(student, source.layers)
         cleanups.append(tap.remove)
         context["channel_weights"] = delta
-    if source is not None and tap is None:
+    if (source is not None or (teacher is not None and "kd" in losses)) and tap is None:
         tap = FeatureTap(student, [])
         cleanups.append(tap.remove)
     built = {"afd": parts["afd"]} if "afd" in losses else {}
@@ -107,7 +110,13 @@ def make_objective(
     extras = list(objective.parameters()) + (list(parts["source_kd"].parameters()) if "source_kd" in losses else [])
 
     def loss_fn(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch = DistillBatch(logits=logits, labels=labels, teacher_logits=teacher_logits[index], source_channels=kept)
+        targets = None
+        if "kd" in losses and teacher is None:
+            targets = teacher_logits[index]
+        elif "kd" in losses:
+            with torch.no_grad():
+                targets = teacher(tap.input).float()
+        batch = DistillBatch(logits=logits, labels=labels, teacher_logits=targets, source_channels=kept)
         if source is not None:
             source_logits, source_features = source(tap.input)
             batch.source_logits = source_logits

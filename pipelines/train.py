@@ -59,11 +59,11 @@ def make_optimizer(
 def class_balance_weights(labels: torch.Tensor, num_classes: int, mode: str) -> torch.Tensor | None:
     """Cross-entropy class weights `N / (C * count_c)` from the train labels (1 for every class of
     a balanced split), or None: mode off, or auto with the largest class at most
-    CLASS_BALANCE_RATIO times the smallest. A class without images counts as one."""
-    if mode not in ("auto", "off"):
-        raise ValueError(f"class_balance must be auto or off, got {mode!r}")
+    CLASS_BALANCE_RATIO times the smallest; mode on: always. A class without images counts as one."""
+    if mode not in ("auto", "off", "on"):
+        raise ValueError(f"class_balance must be auto, off or on, got {mode!r}")
     counts = torch.bincount(labels.cpu(), minlength=num_classes).double().clamp(min=1)
-    if mode == "off" or counts.max() <= CLASS_BALANCE_RATIO * counts.min():
+    if mode == "off" or (mode == "auto" and counts.max() <= CLASS_BALANCE_RATIO * counts.min()):
         return None
     return (counts.sum() / (num_classes * counts)).float().to(labels.device)
 

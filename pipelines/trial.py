@@ -1,248 +1,42 @@
-"""The two pipeline entry points: `train_teacher` (once per search) and `run_trial` (once per trial).
+"""A trial, `run_trial`: prune the dense teacher, fine-tune it with distillation, evaluate, export.
 
-run_trial: teacher weights -> importance criterion -> budget parametrisation -> pruning schedule
-(cut -> BN recalibration -> proxy accuracy -> fine-tune with the chosen distillation terms, in one
-or more rounds) -> optional dynamic gating -> val/test accuracy -> MACs -> export. Pure PyTorch:
-callable from a notebook; progress goes to an optional per-epoch callback.
+teacher weights -> importance criterion -> budget parametrisation -> pruning schedule (cut -> BN
+recalibration -> proxy accuracy -> fine-tune with the chosen distillation terms, in one or more
+rounds) -> optional dynamic gating -> val/test accuracy -> MACs -> export. Pure PyTorch: callable
+from a notebook; progress goes to an optional per-epoch callback. The teacher: `pipelines.teacher`.
 """
 from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from pipelines._fit import EpochCallback, finish, fit, selection_indices, subset
 from pipelines.budgets import BudgetInputs, keep_counts
 from pipelines.checkpoint import TrialState, load_state, save_state
-from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TeacherConfig, TrialParams
-from pipelines.data import IMAGENET_MEAN, IMAGENET_STD, Split, Splits, batches, load_data, num_batches
+from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
+from pipelines.data import Split, Splits, batches, load_data
 from pipelines.device import device_of, pick_device
-from pipelines.export import load_model, save_model
+from pipelines.export import load_model
 from pipelines.importance import ScoringData, module_scores
 from pipelines.macs import MacsModel, count_macs
-from pipelines.metrics import measure, write_class_report
 from pipelines.models import build_model
 from pipelines.objective import FEATURE_TERMS, SOURCE_TERMS, delta_weights, learned_parts, make_objective
 from pipelines.prune import Group, group_scores_by_name, macs_model, prunable_groups
 from pipelines.schedules import SCHEDULES, PruningSession, group_widths
 from pipelines.sources import SourceNet, index_tracer, stage_outputs
-from pipelines.train import (
-    WeightEMA, class_balance_weights, evaluate, make_optimizer, predict_logits, recalibrate_bn, teacher_loss, train_one_epoch,
-)
+from pipelines.teacher import TEACHER_LOGITS_FILE, TEACHER_VIEWS, TRAJECTORY_FILE
+from pipelines.train import class_balance_weights, evaluate, predict_logits, recalibrate_bn
 
-__all__ = ["train_teacher", "run_trial", "can_start_from_trial", "as_teacher_config", "EpochCallback", "TEACHER_LOGITS_FILE", "TEACHER_VIEWS"]
+__all__ = ["run_trial", "can_start_from_trial"]
 
-EpochCallback = Callable[[dict[str, float]], None]
-TEACHER_LOGITS_FILE = "train_logits.safetensors"
-# The tensors of TEACHER_LOGITS_FILE a trial reads per `trial.augment`, one per view of each train
-# image: as it is (`logits`) and mirrored (`mirror_logits`, absent from teachers trained before).
-TEACHER_VIEWS = {"none": ("logits",), "flip": ("logits", "mirror_logits")}
-EMA_EPOCHS = 1.0  # teacher keep: ema averages over about this many epochs' steps (decay 1 - 1 / steps)
-TRAJECTORY_FILE = "trajectory.safetensors"
 _FOLLOWER_TERMS = SOURCE_TERMS | {"l2sp"}  # losses that need the pretrained network pruned in step with the student
-SELECTION_EVERY = 10  # iterative / priority trials hold out 1 train image in 10 per class to decide on
-
-
-def _finish(
-    model: nn.Module,
-    splits: Splits,
-    *,
-    data: DataConfig,
-    arch: str,
-    output_dir: Path,
-    extra: dict[str, float],
-    amp: bool,
-    macs_inputs: Iterable[torch.Tensor] | None = None,
-) -> dict[str, float]:
-    """Evaluate (one pass per split: `val_accuracy`, `val_balanced_accuracy`, `test_accuracy`,
-    `test_balanced_accuracy`), count MACs (expected over the `macs_inputs` batches for gated models),
-    export; returns the final metrics (also stored in the channel spec). The per-class table and the
-    confusion matrices (`pipelines.metrics.CLASS_REPORT_FILE`, `PER_CLASS_FILE`) go beside the model."""
-    complexity = count_macs(model, image_size=data.image_size, inputs=macs_inputs)
-    measured = {name: measure(model, getattr(splits, name), num_classes=len(splits.classes), amp=amp) for name in ("val", "test")}
-    metrics = {
-        **extra,
-        **{key: value for name, m in measured.items() for key, value in m.values(name).items()},
-        "macs": float(complexity.macs),
-        "params": float(complexity.params),
-    }
-    metadata = {
-        "classes": list(splits.classes),
-        "image_size": data.image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "metrics": metrics,
-    }
-    save_model(model, output_dir, arch=arch, metadata=metadata)
-    write_class_report(output_dir, splits.classes, measured)
-    return metrics
-
-
-def _fit(
-    model: nn.Module,
-    splits: Splits,
-    *,
-    loss_fn: Callable,
-    lr: float,
-    epochs: int,
-    finetune: FinetuneConfig,
-    weight_decay: float,
-    extra_params: list[nn.Parameter] = (),
-    augment: str = "none",
-    views: bool = False,
-    warmup_epochs: int = 0,
-    first_epoch: int = 1,
-    done: int = 0,
-    saved: TrialState | None = None,
-    before_epoch: Callable[[int], None] | None = None,
-    after_epoch: Callable[[int, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler], None] | None = None,
-    after_step: Callable[[], None] | None = None,
-    on_epoch_end: EpochCallback | None,
-) -> float:
-    """Train `epochs` epochs (AdamW, cosine after `warmup_epochs` of linear warm-up); returns the
-    final val accuracy. `augment`, `views`: as in `pipelines.data.batches`. `done`: epochs of this
-    same fit already trained (skipped), whose optimizer, scheduler and RNG `saved` holds;
-    `after_epoch(epoch, optimizer, scheduler)` runs after each epoch, before `on_epoch_end`;
-    `after_step()` after every optimizer step."""
-    steps_per_epoch = num_batches(len(splits.train), batch_size=finetune.batch_size)
-    optimizer, scheduler = make_optimizer(
-        model, lr=lr, weight_decay=weight_decay, total_steps=epochs * steps_per_epoch, extra=extra_params,
-        warmup_steps=warmup_epochs * steps_per_epoch,
-    )  # fmt: skip
-    if saved is not None:
-        optimizer.load_state_dict(saved.optimizer)
-        scheduler.load_state_dict(saved.scheduler)
-        torch.set_rng_state(saved.rng)
-    val = evaluate(model, splits.val, amp=finetune.amp) if done >= epochs else float("nan")
-    for i in range(done, epochs):
-        epoch = first_epoch + i
-        if before_epoch is not None:
-            before_epoch(i)
-        parts = train_one_epoch(
-            model,
-            splits.train,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            batch_size=finetune.batch_size,
-            seed=finetune.seed * 1000 + epoch,
-            augment=augment,
-            views=views,
-            amp=finetune.amp,
-            epoch=epoch,
-            after_step=after_step,
-        )
-        measured = measure(model, splits.val, num_classes=len(splits.classes), amp=finetune.amp)
-        val = measured.accuracy
-        if after_epoch is not None:
-            after_epoch(epoch, optimizer, scheduler)
-        if on_epoch_end is not None:
-            losses = {f"loss_{k}": v for k, v in parts.items()}
-            on_epoch_end({"epoch": epoch, **losses, "val_accuracy": val, "val_balanced_accuracy": measured.balanced_accuracy})
-    return val
-
-
-def as_teacher_config(finetune: FinetuneConfig) -> TeacherConfig:
-    """`finetune` as a TeacherConfig: a plain FinetuneConfig's shared fields with the teacher
-    recipe's defaults (its `augment` is a trial's, so not carried over)."""
-    if isinstance(finetune, TeacherConfig):
-        return finetune
-    return TeacherConfig(**{f.name: getattr(finetune, f.name) for f in fields(FinetuneConfig) if f.name != "augment"})
-
-
-def _conv_linear_weights(net: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: m.weight.detach().half().cpu().contiguous() for name, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-
-def train_teacher(
-    *,
-    data: DataConfig,
-    model: ModelConfig,
-    finetune: FinetuneConfig,
-    output_dir: str | Path,
-    splits: Splits | None = None,
-    device: str | torch.device | None = None,
-    on_epoch_end: EpochCallback | None = None,
-) -> dict[str, float]:
-    """Fine-tune the pretrained model on the target train split (the dense teacher) and export it.
-
-    The recipe is `finetune`'s (`TeacherConfig`; a plain FinetuneConfig gets the TeacherConfig
-    defaults, `as_teacher_config`): `augment` (flip or crop_flip), `warmup_epochs`,
-    `label_smoothing`, `class_balance` (class-weighted cross-entropy when the train classes are
-    imbalanced) and `keep`: the last epoch's weights, the best epoch's on a selection split held
-    out of train (`_selection_indices`, the images iterative trials also decide on; the teacher
-    then trains on the rest, and val stays untouched for the search), or an EMA of the weights.
-    The returned (and exported) metrics add `class_balanced` (1 or 0), and `best_epoch` with
-    `best_selection_accuracy` (keep best) or `ema_decay` (keep ema); each epoch's report adds
-    `selection_accuracy` (keep best).
-
-    Also stores the kept teacher's logits on the train split, as each image is and mirrored
-    (`TEACHER_VIEWS`), so trials distil without running it, and its conv/linear weights after each
-    epoch up to the kept one (float16; the EMA's with keep ema), for TASCNet's trajectory criterion.
-    `splits`: the data already decoded (`load_data(data)`), e.g. sent by the driver. `device`:
-    see `pipelines.device.pick_device` (default: CUDA when visible).
-    """
-    recipe = as_teacher_config(finetune)
-    torch.manual_seed(recipe.seed)
-    device = pick_device(device)
-    splits = (splits or load_data(data)).to(device)
-    net = build_model(model, num_classes=len(splits.classes)).to(device, memory_format=torch.channels_last)
-    output_dir = Path(output_dir)
-    fitted, selection = splits, None
-    if recipe.keep == "best":  # decided on images held out of train: val is the search's objective
-        trained, held_out = _selection_indices(splits.train)
-        fitted, selection = replace(splits, train=_subset(splits.train, trained)), _subset(splits.train, held_out)
-    class_weights = class_balance_weights(fitted.train.labels, len(splits.classes), recipe.class_balance)
-    ema = None
-    if recipe.keep == "ema":
-        steps = num_batches(len(fitted.train), batch_size=recipe.batch_size)
-        ema = WeightEMA(net, decay=1.0 - 1.0 / max(1.0, EMA_EPOCHS * steps))
-    kept = net if ema is None else ema.model
-    trajectory: list[dict[str, torch.Tensor]] = []
-    best: dict = {"epoch": 0, "accuracy": -1.0, "state": None}
-
-    def end_of_epoch(metrics: dict[str, float]) -> None:
-        trajectory.append(_conv_linear_weights(kept))
-        if selection is not None:
-            accuracy = evaluate(net, selection, amp=recipe.amp)
-            metrics = {**metrics, "selection_accuracy": accuracy}
-            if accuracy >= best["accuracy"]:  # ties: the later epoch, further down the cosine
-                best.update(epoch=int(metrics["epoch"]), accuracy=accuracy, state=copy.deepcopy(net.state_dict()))
-        if on_epoch_end is not None:
-            on_epoch_end(metrics)
-
-    _fit(
-        net,
-        fitted,
-        loss_fn=teacher_loss(class_weights=class_weights, label_smoothing=recipe.label_smoothing),
-        lr=recipe.lr,
-        epochs=recipe.epochs,
-        finetune=recipe,
-        weight_decay=recipe.weight_decay,
-        augment=recipe.augment,
-        warmup_epochs=recipe.warmup_epochs,
-        after_step=None if ema is None else ema.update,
-        on_epoch_end=end_of_epoch,
-    )
-    extra = {"class_balanced": float(class_weights is not None)}
-    if selection is not None:
-        net.load_state_dict(best["state"])
-        trajectory = trajectory[: best["epoch"]]
-        extra.update(best_epoch=float(best["epoch"]), best_selection_accuracy=best["accuracy"])
-    if ema is not None:
-        net.load_state_dict(ema.model.state_dict())
-        extra["ema_decay"] = ema.decay
-    metrics = _finish(net, splits, data=data, arch=model.arch, output_dir=output_dir, extra=extra, amp=recipe.amp)
-    mirrored = Split(images=splits.train.images.flip(-1), labels=splits.train.labels)
-    views = {"logits": predict_logits(net, splits.train), "mirror_logits": predict_logits(net, mirrored)}
-    save_file({name: v.cpu().contiguous() for name, v in views.items()}, output_dir / TEACHER_LOGITS_FILE)
-    save_file({name: torch.stack([epoch[name] for epoch in trajectory]) for name in trajectory[0]}, output_dir / TRAJECTORY_FILE)
-    return metrics
 
 
 def _weight_snapshots(student: nn.Module, teacher_dir: Path) -> list[nn.Module]:
@@ -257,27 +51,6 @@ def _weight_snapshots(student: nn.Module, teacher_dir: Path) -> list[nn.Module]:
                 module.weight.data.copy_(trajectory[name][epoch].to(module.weight))
         snapshots.append(snapshot)
     return snapshots
-
-
-def _selection_indices(train: Split) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kept, held out) positions: every SELECTION_EVERY-th image of each class with at least two
-    images is held out as the selection split of schedules that decide during training."""
-    held = torch.zeros(len(train), dtype=torch.bool)
-    labels = train.labels.cpu()
-    for label in labels.unique():
-        positions = (labels == label).nonzero().flatten()
-        if len(positions) >= 2:
-            held[positions[SELECTION_EVERY - 1 :: SELECTION_EVERY] if len(positions) >= SELECTION_EVERY else positions[-1:]] = True
-    return (~held).nonzero().flatten().to(train.labels.device), held.nonzero().flatten().to(train.labels.device)
-
-
-def _subset(split: Split, index: torch.Tensor) -> Split:
-    return Split(images=split.images[index], labels=split.labels[index])
-
-
-def _class_weights(train: Split, num_classes: int) -> torch.Tensor:
-    counts = torch.bincount(train.labels, minlength=num_classes).float().clamp(min=1)
-    return counts.sum() / (num_classes * counts)
 
 
 def can_start_from_trial(params: TrialParams) -> bool:
@@ -297,8 +70,9 @@ class _Trial:
     splits: Splits  # train without the selection split, for schedules that decide during training
     selection: Split | None  # what those schedules decide on; None: val (one_shot never decides)
     # For `splits.train`, view-major (one row per image and view, `TEACHER_VIEWS[finetune.augment]`):
-    # what the indices of `batches(..., views=True)` address.
-    teacher_logits: torch.Tensor
+    # what the indices of `batches(..., views=True)` address. None with `teacher_logits: online`.
+    teacher_logits: torch.Tensor | None
+    teacher: nn.Module | None  # the frozen dense teacher, with `teacher_logits: online`
     teacher_macs: float
     arch: str
     groups: list[Group]
@@ -350,14 +124,18 @@ def _prepare(
     """The trial's fixed inputs, and the fine-tuned teacher they were derived from."""
     dense, spec = load_model(teacher_dir)
     dense = dense.to(device)
-    views = _teacher_views(teacher_dir, finetune.augment).to(device)  # views x train images x classes
-    if views.shape[1] != len(splits.train):
-        raise ValueError(f"{teacher_dir} holds logits for {views.shape[1]} train images, the data has {len(splits.train)}")
+    teacher, views = None, None
+    if finetune.teacher_logits == "online":
+        teacher = load_model(teacher_dir)[0].to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+    else:
+        views = _teacher_views(teacher_dir, finetune.augment).to(device)  # views x train images x classes
+        if views.shape[1] != len(splits.train):
+            raise ValueError(f"{teacher_dir} holds logits for {views.shape[1]} train images, the data has {len(splits.train)}")
     selection = None
     if params.schedule != "one_shot":  # it decides during training: on images held out of train, not on val
-        trained, held_out = _selection_indices(splits.train)
-        splits, selection, views = replace(splits, train=_subset(splits.train, trained)), _subset(splits.train, held_out), views[:, trained]
-    teacher_logits = views.flatten(0, 1)
+        trained, held_out = selection_indices(splits.train)
+        splits, selection = replace(splits, train=subset(splits.train, trained)), subset(splits.train, held_out)
+        views = None if views is None else views[:, trained]
     layers = stage_outputs(dense) if FEATURE_TERMS & params.losses.keys() else []
     delta = None
     if "delta" in params.losses:
@@ -369,7 +147,8 @@ def _prepare(
         finetune=finetune,
         splits=splits,
         selection=selection,
-        teacher_logits=teacher_logits,
+        teacher_logits=None if views is None else views.flatten(0, 1),
+        teacher=teacher,
         teacher_macs=spec["metrics"]["macs"],
         arch=spec["arch"],
         groups=prunable_groups(dense, image_size=data.image_size),
@@ -384,6 +163,8 @@ def _prepare(
 
 def _teacher_views(teacher_dir: Path, augment: str) -> torch.Tensor:
     """The teacher's stored train logits for the views `augment` trains on, stacked: V x N x C."""
+    if augment not in TEACHER_VIEWS:
+        raise ValueError(f"trial.augment: {augment} draws new views every step, so it needs trial.teacher_logits: online (stored logits exist for {' and '.join(TEACHER_VIEWS)} only)")
     path = teacher_dir / TEACHER_LOGITS_FILE
     stored = load_file(path)
     missing = [name for name in TEACHER_VIEWS[augment] if name not in stored]
@@ -455,7 +236,7 @@ def _sparsify_bn(trial: _Trial, state: TrialState) -> None:
         state.epoch, state.rng = epoch, torch.get_rng_state()
         trial.checkpoint(state)
 
-    _fit(
+    fit(
         state.student, trial.splits, loss_fn=loss_fn, lr=trial.params.lr, epochs=1, finetune=trial.finetune, weight_decay=0.0,
         augment=trial.finetune.augment, after_epoch=after_epoch, on_epoch_end=trial.report(state.student),
     )  # fmt: skip
@@ -486,10 +267,11 @@ def _fine_tune(trial: _Trial, state: TrialState, epochs: int) -> float:
         tracer=state.tracer,
         parts=state.loss_parts,
         teacher_logits=trial.teacher_logits,
+        teacher=trial.teacher,
         source=trial.source,
         delta=trial.delta,
         weight_decay=finetune.weight_decay,
-        class_weights=_class_weights(trial.splits.train, len(trial.splits.classes)) if params.class_weighted else None,
+        class_weights=class_balance_weights(trial.splits.train.labels, len(trial.splits.classes), "on") if params.class_weighted else None,
     )
     first_epoch = state.epoch - state.round_epochs + 1
     # Reseed after everything is built: the training stream (dropout) must not depend on how
@@ -502,10 +284,10 @@ def _fine_tune(trial: _Trial, state: TrialState, epochs: int) -> float:
         trial.checkpoint(state)
 
     try:
-        val = _fit(
+        val = fit(
             net, trial.splits, loss_fn=objective.loss_fn, lr=params.lr, epochs=epochs, finetune=finetune,
             weight_decay=objective.weight_decay, extra_params=objective.parameters, augment=finetune.augment,
-            views=finetune.augment != "none", first_epoch=first_epoch,
+            views=trial.teacher_logits is not None and finetune.augment != "none", first_epoch=first_epoch,
             done=state.round_epochs, saved=state if state.optimizer is not None else None, before_epoch=before_epoch,
             after_epoch=after_epoch, on_epoch_end=trial.report(net),
         )  # fmt: skip
@@ -593,9 +375,10 @@ def run_trial(
     capped by what that model has. Not with losses that track the pretrained channels (l2sp,
     source terms), the trajectory criterion or gating, whose state follows the teacher's channels.
 
-    `finetune.augment`: none, or flip: each step trains on the image or its mirror and distils
-    from the teacher's stored logits of that same view (`TEACHER_VIEWS`; a teacher folder without
-    mirror logits raises a ValueError saying so).
+    `finetune.augment`: none, flip (each step trains on the image or its mirror) or crop_flip.
+    `finetune.teacher_logits`: stored, distilling from the teacher's stored logits of the same view
+    (`TEACHER_VIEWS`: none and flip only; a teacher folder without mirror logits raises a ValueError
+    saying so), or online: the frozen teacher runs on each augmented batch.
     Each epoch reports the loss parts, `val_accuracy`, `val_balanced_accuracy`, `macs` and `macs_ratio` to `on_epoch_end`.
     Returns `proxy_accuracy` (after the first cut + BN recalibration, before fine-tuning),
     `val_accuracy`, `test_accuracy`, `macs` (expected over val images for gated models), `params`,
@@ -625,7 +408,7 @@ def run_trial(
     dense_scores = _decide_target(trial, state)
     _prune_and_fine_tune(trial, state, dense_scores)
     _freeze_gates(trial, state)
-    metrics = _finish(
+    metrics = finish(
         state.student, trial.splits, data=data, arch=trial.arch, output_dir=Path(output_dir), extra=_summary(trial, state),
         amp=finetune.amp, macs_inputs=trial.macs_inputs(),
     )  # fmt: skip

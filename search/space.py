@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TeacherConfig
+from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TeacherConfig, TrainConfig
 from search._helpers import UsageError
 
 __all__ = ["Range", "BudgetSpace", "SearchConfig", "Experiment", "SpaceError", "load_space", "parse_space", "to_dict"]
@@ -336,7 +336,7 @@ def validate(experiment: Experiment) -> Experiment:
             f" valid: {', '.join(weights + ['null'])}"
         )
     for stage in ("teacher", "trial"):
-        config: FinetuneConfig = getattr(experiment, stage)
+        config: TrainConfig = getattr(experiment, stage)
         for name in ("epochs", "batch_size"):
             if getattr(config, name) < 1:
                 raise SpaceError(f"{stage}.{name}: must be at least 1, got {getattr(config, name)}")
@@ -351,6 +351,8 @@ def validate(experiment: Experiment) -> Experiment:
     for where, seed in (("data.seed", data.seed), ("teacher.seed", experiment.teacher.seed), ("trial.seed", experiment.trial.seed), ("search.seed", experiment.search.seed)):
         if not 0 <= seed < 2**32:  # what numpy's and Optuna's generators take
             raise SpaceError(f"{where}: must be in [0, 2**32 - 1], got {seed}")
+    if experiment.trial.augment == "crop_flip" and experiment.trial.teacher_logits == "stored":
+        raise SpaceError("trial.augment: crop_flip draws new views every step, so it needs trial.teacher_logits: online (stored logits exist for none and flip only)")
     if experiment.trial.lr != FinetuneConfig.lr:
         raise SpaceError("trial.lr: a trial's learning rate is searched; set search.lr instead (a number fixes it)")
     search = experiment.search

@@ -29,7 +29,7 @@ def _train_teacher_task(experiment: Experiment, splits: Any, tracking_uri: str, 
 
     import torch
 
-    from pipelines.trial import train_teacher
+    from pipelines.teacher import train_teacher
     from search.cluster import pack
 
     torch.set_num_threads(threads)
@@ -43,6 +43,7 @@ def _train_teacher_task(experiment: Experiment, splits: Any, tracking_uri: str, 
             output_dir=directory,
             splits=splits,
             on_epoch_end=lambda m: tracker.log_metrics(run_id, m, step=int(m["epoch"])),
+            metric=experiment.search.metric,
         )
         metrics["seconds"] = time.perf_counter() - started
         return metrics, pack(Path(directory))
@@ -74,7 +75,7 @@ def ensure_teacher(experiment: Experiment, splits: Any, layout: Layout, tracker:
 
     from pipelines.export import SPEC_FILE
     from pipelines.metrics import CLASS_REPORT_FILE, PER_CLASS_FILE
-    from pipelines.trial import TEACHER_LOGITS_FILE
+    from pipelines.teacher import TEACHER_LOGITS_FILE
     from search.cluster import unpack
 
     directory = layout.teacher_dir(experiment)

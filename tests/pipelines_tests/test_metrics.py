@@ -1,4 +1,4 @@
-"""Accuracy, balanced accuracy and the per-class report that `_finish` exports beside every model."""
+"""Accuracy, balanced accuracy and the per-class report that `pipelines._fit.finish` exports beside every model."""
 from __future__ import annotations
 
 import csv
@@ -40,7 +40,7 @@ def _split(labels: list[int], seed: int) -> Split:
 
 
 def test_finish_exports_the_per_class_report_beside_a_model_load_model_accepts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipelines.trial import _finish
+    from pipelines._fit import finish
 
     classes = ("cat", "dog", "rare bird")
     splits = Splits(train=_split([0, 1, 2], 0), val=_split([0] * 6 + [1] * 3 + [2], 1), test=_split([0] * 5 + [1] * 5, 2), classes=classes)
@@ -49,7 +49,7 @@ def test_finish_exports_the_per_class_report_beside_a_model_load_model_accepts(t
     passes = []
     real_predict = pipelines.metrics.predict_logits
     monkeypatch.setattr(pipelines.metrics, "predict_logits", lambda *a, **k: passes.append(1) or real_predict(*a, **k))
-    metrics = _finish(model, splits, data=DataConfig(path="unused", image_size=32), arch="mobilenet_v2", output_dir=tmp_path, extra={}, amp=False)
+    metrics = finish(model, splits, data=DataConfig(path="unused", image_size=32), arch="mobilenet_v2", output_dir=tmp_path, extra={}, amp=False)
     assert len(passes) == 2  # one evaluation pass per split
     loaded, spec = load_model(tmp_path)  # the report files do not get in the loader's way
     assert spec["metrics"] == metrics and {"val_accuracy", "val_balanced_accuracy", "test_accuracy", "test_balanced_accuracy"} <= metrics.keys()

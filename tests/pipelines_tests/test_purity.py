@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_pipelines_imports_no_search_stack() -> None:
     script = (
         "import sys\n"
-        "import pipelines, pipelines.trial, pipelines.data, pipelines.export, pipelines.latency\n"
+        "import pipelines, pipelines.trial, pipelines.teacher, pipelines.data, pipelines.export, pipelines.latency\n"
         "assert 'pipelines.trial' in sys.modules\n"
         "print(','.join(sorted(m for m in ('ray', 'optuna', 'mlflow') if m in sys.modules)) or 'clean')\n"
     )

@@ -79,6 +79,7 @@ def test_class_balanced_weights_are_inverse_frequency_on_an_imbalanced_split() -
         ([20, 19, 10], "auto", False),
         ([60, 30, 10], "off", False),
         ([1, 1, 0], "auto", False),  # an empty class counts as one image
+        ([20, 20, 20], "on", True),  # TASCNet's class_weighted trials: always
     ],
 )
 def test_class_balance_auto_is_on_above_twice_the_smallest_class(counts: list[int], mode: str, on: bool) -> None:
@@ -174,6 +175,25 @@ def test_kd_on_a_mirrored_image_uses_the_mirror_logits() -> None:
     assert 0 < mirrored_seen < n
 
 
+@pytest.mark.parametrize("augment", ["flip", "crop_flip"])
+def test_online_kd_distils_from_the_teacher_run_on_the_augmented_batch(augment: str) -> None:
+    split = _images(n=12)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3))
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 3)).requires_grad_(False)
+    objective = make_objective(
+        {"kd": {"alpha": 0.5, "temperature": 4.0}}, student=student, tracer=None, parts=nn.ModuleDict(), teacher_logits=None,
+        teacher=teacher, source=None, delta=None, weight_decay=0.0, class_weights=None,
+    )  # fmt: skip
+    reference = KDLoss(alpha=0.5, temperature=4.0)
+    for x, y, index in batches(split, batch_size=6, shuffle=True, seed=1, augment=augment):
+        logits = student(x)
+        total = objective.loss_fn(logits, y, index)["total"]
+        assert total.item() == pytest.approx(reference(logits, teacher(x), y)["total"].item())
+        original = batches(Split(images=split.images[index], labels=y), batch_size=6)
+        assert total.item() != pytest.approx(reference(logits, teacher(next(original)[0]), y)["total"].item())
+    objective.close()
+
+
 # ---------------------------------------------------------------- the teacher's kept weights
 
 
@@ -201,29 +221,37 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
 
 def _teacher(data: DataConfig, tmp_path, **recipe) -> tuple[dict, list[dict], dict, dict]:
     from pipelines.export import load_model
-    from pipelines.trial import TEACHER_LOGITS_FILE, TRAJECTORY_FILE, train_teacher
+    from pipelines.teacher import TEACHER_LOGITS_FILE, TRAJECTORY_FILE, train_teacher
 
     epochs: list[dict] = []
+    metric = recipe.pop("metric", "accuracy")
     config = TeacherConfig(**{"epochs": 3, "batch_size": 8, "bn_recalibration_batches": 1, **recipe})
-    metrics = train_teacher(data=data, model=ModelConfig(), finetune=config, output_dir=tmp_path, on_epoch_end=epochs.append)
+    metrics = train_teacher(data=data, model=ModelConfig(), finetune=config, output_dir=tmp_path, on_epoch_end=epochs.append, metric=metric)
     weights = {n: m.weight.detach() for n, m in load_model(tmp_path)[0].named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     return metrics, epochs, load_file(tmp_path / TRAJECTORY_FILE), {"weights": weights, "logits": load_file(tmp_path / TEACHER_LOGITS_FILE)}
 
 
-@pytest.mark.parametrize("best", [1, 2])
+@pytest.mark.parametrize(("best", "metric"), [(1, "accuracy"), (2, "accuracy"), (2, "balanced_accuracy")])
 def test_keep_best_restores_the_epoch_best_on_the_selection_split(
-    tiny_data: DataConfig, tmp_path, monkeypatch: pytest.MonkeyPatch, best: int
+    tiny_data: DataConfig, tmp_path, monkeypatch: pytest.MonkeyPatch, best: int, metric: str
 ) -> None:
-    """The selection accuracy is made up so that epoch `best` of 3 wins: the exported weights, the
-    stored logits and the trajectory's last entry are that epoch's."""
-    import pipelines.trial as trial
+    """The selection score (of the search's metric) is made up so that epoch `best` of 3 wins: the
+    exported weights, the stored logits and the trajectory's last entry are that epoch's."""
+    import pipelines.teacher as teacher
 
     scores = iter([0.9 if epoch == best else 0.1 * epoch for epoch in (1, 2, 3)])
     selected: list[Split] = []
-    monkeypatch.setattr(trial, "evaluate", lambda net, split, amp=False: (selected.append(split), next(scores))[1])
-    metrics, epochs, trajectory, kept = _teacher(tiny_data, tmp_path, keep="best", augment="flip")
-    assert metrics["best_epoch"] == best and metrics["best_selection_accuracy"] == 0.9
-    assert [e["selection_accuracy"] for e in epochs] == [0.9 if e == best else 0.1 * e for e in (1, 2, 3)]
+    asked: set[str] = set()
+
+    def score(net, split, *, metric, num_classes, amp):
+        selected.append(split), asked.add(metric)
+        return next(scores)
+
+    monkeypatch.setattr(teacher, "_selection_score", score)
+    metrics, epochs, trajectory, kept = _teacher(tiny_data, tmp_path, keep="best", augment="flip", metric=metric)
+    assert asked == {metric}
+    assert metrics["best_epoch"] == best and metrics[f"best_selection_{metric}"] == 0.9
+    assert [e[f"selection_{metric}"] for e in epochs] == [0.9 if e == best else 0.1 * e for e in (1, 2, 3)]
     assert all(len(s) == len(selected[0]) and 0 < len(s) < 20 for s in selected)  # 1 in 10 train images per class: not val
     assert {w.shape[0] for w in trajectory.values()} == {best}
     assert all(torch.equal(kept["weights"][name].half().cpu(), w[-1]) for name, w in trajectory.items())

@@ -9,7 +9,8 @@ import torch
 
 from pipelines.config import DataConfig, FinetuneConfig, ModelConfig, TrialParams
 from pipelines.data import prepare_animal_mnist
-from pipelines.trial import run_trial, train_teacher
+from pipelines.teacher import train_teacher
+from pipelines.trial import run_trial
 
 FINETUNE = FinetuneConfig(epochs=2, bn_recalibration_batches=2)
 
@@ -68,15 +69,15 @@ def test_iterative_schedules_decide_on_a_selection_split_held_out_of_train_not_o
     from pipelines.data import load_data
     from pipelines.export import load_model
     from pipelines.train import evaluate
-    from pipelines.trial import _selection_indices, _subset
+    from pipelines._fit import selection_indices, subset
 
     params = replace(TARGET, schedule="iterative", rounds=2, max_drop=1.0)  # max_drop 1: never revert, keep the last round
     metrics, _ = _run(teacher, params, "iterative")
     splits = load_data(teacher["data"])
-    _, held_out = _selection_indices(splits.train)
+    _, held_out = selection_indices(splits.train)
     model, _ = load_model(teacher["work"] / "iterative")
     assert len(held_out) == len(splits.classes)  # 1 in 10 of ~8 train images per class: the last one
-    assert metrics["round2_accuracy"] == pytest.approx(evaluate(model, _subset(splits.train, held_out)))
+    assert metrics["round2_accuracy"] == pytest.approx(evaluate(model, subset(splits.train, held_out)))
     assert metrics["val_accuracy"] == pytest.approx(evaluate(model, splits.val))
 
 
@@ -91,7 +92,9 @@ _RESUMABLE = [
     pytest.param(replace(TARGET, bn_sparsity=1e-4), 3, id="one-shot-after-the-last-epoch"),
     # trial.augment flip: the flips come from each epoch's seeded batch stream, the KD from the
     # mirror logits of the train images kept after the selection split.
-    pytest.param(replace(TARGET, schedule="iterative", rounds=2, max_drop=0.0), 2, "flip", id="iterative-flip-mid-round-2"),
+    pytest.param(replace(TARGET, schedule="iterative", rounds=2, max_drop=0.0), 2, {"augment": "flip"}, id="iterative-flip-mid-round-2"),
+    # An online teacher is rebuilt from its folder, not checkpointed; crops come from the batch stream.
+    pytest.param(TARGET, 2, {"augment": "crop_flip", "teacher_logits": "online"}, id="one-shot-online-crop-flip-mid-training"),
     # Round 1 is epoch 1, round 2 epochs 2-3: dies mid-round 2, with the round-1 model kept for a
     # revert and the source-KD head and AFD attention trained since epoch 1.
     pytest.param(
@@ -109,16 +112,16 @@ _RESUMABLE = [
 ]
 
 
-@pytest.mark.parametrize(("params", "died_after", "augment"), [p if len(p.values) == 3 else pytest.param(*p.values, "none", id=p.id) for p in _RESUMABLE])
+@pytest.mark.parametrize(("params", "died_after", "recipe"), [p if len(p.values) == 3 else pytest.param(*p.values, {}, id=p.id) for p in _RESUMABLE])
 def test_a_trial_resumed_from_its_checkpoint_ends_as_if_never_interrupted(
-    teacher: dict, params: TrialParams, died_after: int, augment: str
+    teacher: dict, params: TrialParams, died_after: int, recipe: dict
 ) -> None:
     """The process 'dies' right after epoch `died_after` was checkpointed; the resumed trial runs
     only the later epochs and ends with the same metrics and weights, bit for bit."""
     from safetensors.torch import load_file
 
-    finetune = replace(FINETUNE, epochs=3, augment=augment)
-    work = teacher["work"] / f"resume-{abs(hash((str(params), died_after, augment)))}"
+    finetune = replace(FINETUNE, epochs=3, **recipe)
+    work = teacher["work"] / f"resume-{abs(hash((str(params), died_after, str(recipe))))}"
     uninterrupted, whole_epochs = _run(teacher, params, f"{work.name}/whole", finetune=finetune)
     checkpoint = work / "checkpoint"
 
@@ -145,7 +148,7 @@ def _teacher_copy(teacher: dict, name: str, **logits: torch.Tensor | None) -> di
 
     from safetensors.torch import load_file, save_file
 
-    from pipelines.trial import TEACHER_LOGITS_FILE
+    from pipelines.teacher import TEACHER_LOGITS_FILE
 
     copy = teacher["work"] / name
     shutil.copytree(teacher["dir"], copy)
@@ -167,7 +170,7 @@ def test_a_flip_trial_distils_from_the_stored_mirror_logits(teacher: dict) -> No
     """Mirror logits rolled to other classes train another student; augment none never reads them."""
     from safetensors.torch import load_file
 
-    from pipelines.trial import TEACHER_LOGITS_FILE
+    from pipelines.teacher import TEACHER_LOGITS_FILE
 
     mirror = load_file(teacher["dir"] / TEACHER_LOGITS_FILE)["mirror_logits"]
     wrong = _teacher_copy(teacher, "teacher-with-wrong-mirror-logits", mirror_logits=mirror.roll(1, dims=1).contiguous())
@@ -176,6 +179,20 @@ def test_a_flip_trial_distils_from_the_stored_mirror_logits(teacher: dict) -> No
     _run(wrong, TARGET, "flip-wrong", finetune=flip)
     right, other = (load_file(teacher["work"] / name / "model.safetensors") for name in ("flip-right", "flip-wrong"))
     assert not all(torch.equal(right[k], other[k]) for k in right)
+
+
+def test_an_online_teacher_trains_the_stored_flip_trial_again(teacher: dict) -> None:
+    """The same flips, distilled from the teacher run on each batch instead of its stored logits:
+    the same losses, up to float rounding between batch sizes."""
+    flip = replace(FINETUNE, augment="flip")
+    stored, stored_epochs = _run(teacher, TARGET, "flip-stored", finetune=flip)
+    online, online_epochs = _run(teacher, TARGET, "flip-online", finetune=replace(flip, teacher_logits="online"))
+    for a, b in zip(stored_epochs, online_epochs):
+        assert b["loss_kd"] == pytest.approx(a["loss_kd"], rel=1e-3) and b["loss_total"] == pytest.approx(a["loss_total"], rel=1e-3)
+    assert online["macs"] == stored["macs"]
+    # A stored teacher has logits of two views only; crops need the teacher online.
+    with pytest.raises(ValueError, match=r"trial\.augment: crop_flip .* needs trial\.teacher_logits: online"):
+        _run(teacher, TARGET, "crop-stored", finetune=replace(FINETUNE, augment="crop_flip"))
 
 
 def test_a_source_kd_head_is_trained_across_rounds_not_rebuilt(teacher: dict) -> None:
