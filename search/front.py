@@ -1,13 +1,15 @@
 """The Pareto front of a search, read back from MLflow: shared by `search`, `pareto` and `fetch`."""
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from search._helpers import UsageError, format_count
 from search.pareto import Point, hypervolume, pareto_front
 from search.tracking import ANCHOR_TAG, STOPPED_TAG, RunRecord, Tracker
 
-__all__ = ["SearchFront", "front_of", "load_front", "select_front", "choose_under_budget", "front_hypervolume", "metric_points", "hypervolume_scale", "METRIC_PARAM"]
+__all__ = ["SearchFront", "front_of", "load_front", "select_front", "choose_under_budget", "best_within", "front_hypervolume", "metric_points", "hypervolume_scale", "METRIC_PARAM"]
 
 _REQUIRED = ("val_accuracy", "test_accuracy", "macs", "params")
 METRIC_PARAM = "metric"  # the search run's param holding `search.metric`; absent (accuracy) in older searches
@@ -110,11 +112,17 @@ def load_front(tracker: Tracker, experiment: str, *, search_id: str | None = Non
     return front_of(tracker, search)
 
 
+def best_within(points: Sequence[Point], max_macs: float = math.inf) -> Point | None:
+    """The point with the highest accuracy among those with MACs <= max_macs; fewer MACs break
+    ties; None if none fits."""
+    return max((p for p in points if p.macs <= max_macs), key=lambda p: (p.accuracy, -p.macs), default=None)
+
+
 def choose_under_budget(front: list[RunRecord], max_macs: float, *, metric: str = "accuracy") -> RunRecord:
     """The front member with the best val_<metric> among those with MACs <= max_macs; fewer MACs break ties."""
-    fitting = [r for r in front if r.metrics["macs"] <= max_macs]
-    if not fitting:
+    best = best_within(metric_points(front, metric), max_macs)
+    if best is None:
         smallest = min((r.metrics["macs"] for r in front), default=None)
         hint = f"the smallest model on the front has {format_count(smallest)} MACs" if smallest else "the front is empty"
         raise UsageError(f"--max-macs: no Pareto model has at most {format_count(max_macs)} MACs; {hint}")
-    return max(fitting, key=lambda r: (r.metrics[f"val_{metric}"], -r.metrics["macs"]))
+    return next(r for r in front if r.run_id == best.key)

@@ -12,7 +12,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from ray import tune
@@ -42,7 +42,11 @@ def _label(metric: str) -> str:
 
 class Progress(tune.Callback):
     """`total` trials, `concurrency` at a time; `log` prints one line. `stream` (default: the
-    current sys.stdout) is where the status line goes, if it is a TTY and not `verbose`."""
+    current sys.stdout) is where the status line goes, if it is a TTY and not `verbose`. `labels`:
+    what the lines call the trial whose `config["job"]` is i (`verify`'s fine-tunes), instead of
+    'trial <Tune trial id>'."""
+
+    labels: tuple[str, ...] | None = None  # a class default: a Progress pickled before it existed unpickles without it
 
     def __init__(
         self,
@@ -54,8 +58,11 @@ class Progress(tune.Callback):
         stream: TextIO | None = None,
         verbose: bool = False,
         clock: Callable[[], float] = time.time,
+        labels: Sequence[str] | None = None,
     ) -> None:
         self.total, self.log, self.metric = total, log, metric
+        if labels is not None:
+            self.labels = tuple(labels)
         self.concurrency, self.verbose, self.clock = max(1, int(concurrency)), verbose, clock
         self._stream = stream
         self.done = 0  # finished + stopped + failed (+ earlier, from a state that counted only `done`)
@@ -179,6 +186,13 @@ class Progress(tune.Callback):
         if live:
             self._draw()
 
+    def _name(self, trial: Any) -> str:
+        """What the lines call `trial`: its label, else 'trial <Tune trial id>'."""
+        job = (getattr(trial, "config", None) or {}).get("job")
+        if self.labels is not None and isinstance(job, int) and 0 <= job < len(self.labels):
+            return self.labels[job]
+        return f"trial {trial.trial_id}"
+
     def _tick(self) -> None:
         if self.live and self.clock() - self._drawn_at >= _REDRAW_S:
             self._draw()
@@ -226,14 +240,14 @@ class Progress(tune.Callback):
             if value is not None and ratio is not None and not (math.isnan(value) or math.isnan(ratio)):
                 self.points.append([trial.trial_id, float(value), float(ratio)])
             line = (
-                f"[{self.done}/{self.total}] trial {trial.trial_id}: {format_accuracies(r, self.metric)},"
+                f"[{self.done}/{self.total}] {self._name(trial)}: {format_accuracies(r, self.metric)},"
                 f" {format_count(r['macs'])} MACs ({r['macs_ratio']:.3f}x teacher),"
                 f" proxy {r['proxy_accuracy']:.3f}{origin}, {elapsed}"
             )
         else:
             self.stopped += 1
             line = (
-                f"[{self.done}/{self.total}] trial {trial.trial_id}: stopped after epoch {int(r.get('epoch', 0))}"
+                f"[{self.done}/{self.total}] {self._name(trial)}: stopped after epoch {int(r.get('epoch', 0))}"
                 f" ({format_accuracies(r, self.metric, splits=('val',))} at {r.get('macs_ratio', float('nan')):.3f}x MACs), {elapsed}"
             )
         self._say(line + self._suffix())
@@ -242,7 +256,7 @@ class Progress(tune.Callback):
         self.running.discard(trial.trial_id)
         epoch = int(trial.last_result.get("epoch", 0)) if trial.last_result else 0
         self._say(
-            f"        trial {trial.trial_id}: its process or node was lost after epoch {epoch};"
+            f"        {self._name(trial)}: its process or node was lost after epoch {epoch};"
             " retrying it (from its last checkpoint, where it has one)"
         )
 
@@ -250,13 +264,20 @@ class Progress(tune.Callback):
         elapsed = self._ended(trial)
         self.done += 1
         self.failed += 1
-        self._say(f"[{self.done}/{self.total}] trial {trial.trial_id}: FAILED after {elapsed} (error in MLflow run tag 'error')" + self._suffix())
+        self._say(f"[{self.done}/{self.total}] {self._name(trial)}: FAILED after {elapsed} (error in MLflow run tag 'error')" + self._suffix())
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._clear()
 
 
 def progress_callback(
-    total: int, log: Callable[[str], None], metric: str = "accuracy", *, concurrency: int = 1, verbose: bool = False, stream: TextIO | None = None
+    total: int,
+    log: Callable[[str], None],
+    metric: str = "accuracy",
+    *,
+    concurrency: int = 1,
+    verbose: bool = False,
+    stream: TextIO | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Progress:
-    return Progress(total, log, metric, concurrency=concurrency, verbose=verbose, stream=stream)
+    return Progress(total, log, metric, concurrency=concurrency, verbose=verbose, stream=stream, labels=labels)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from search._helpers import UsageError, format_count
-from search.front import metric_points
+from search.front import best_within, metric_points
 from search.pareto import Point
 from search.tracking import INTERRUPTED_TAG, TRIAL_TAG, RunRecord
 
@@ -69,18 +69,14 @@ def is_managed_alias(alias: str) -> bool:
     return alias in _ROLES or _UNDER.fullmatch(alias) is not None
 
 
-def _best(points: Sequence[Point]) -> Point:
-    return max(points, key=lambda p: (p.accuracy, -p.macs))  # fewer MACs break ties
-
-
 def knee(points: Sequence[Point]) -> Point:
     """The front member farthest above the straight line from the smallest member to the best one,
     on axes normalised to the front's range (MACs and objective each to [0, 1]): the one with the
     largest (normalised objective - normalised MACs). When no member lies strictly above that line
     (one or two members, a straight front), the knee is the best member. Ties: fewer MACs."""
-    if not points:
+    best = best_within(points)
+    if best is None:
         raise ValueError("knee of an empty front")
-    best = _best(points)
     low_macs, high_macs = min(p.macs for p in points), max(p.macs for p in points)
     low_acc, high_acc = min(p.accuracy for p in points), max(p.accuracy for p in points)
     if high_macs <= low_macs or high_acc <= low_acc:
@@ -98,18 +94,19 @@ def choose_aliases(points: Sequence[Point], *, teacher_macs: float, budgets: Seq
     objective), smallest (fewest MACs), knee (see `knee`), and under-<b>x for each budget b (a
     fraction of `teacher_macs`): the best member with MACs <= b x teacher MACs. Returns the
     aliases and the budgets no member meets (those get no alias). Ties: fewer MACs."""
-    if not points:
+    best = best_within(points)
+    if best is None:
         return {}, list(budgets)
     chosen = {
-        "best": _best(points).key,
+        "best": best.key,
         "smallest": min(points, key=lambda p: (p.macs, -p.accuracy)).key,
         "knee": knee(points).key,
     }
     unmet: list[float] = []
     for budget in dict.fromkeys(budgets):  # in order, without repeats
-        fitting = [p for p in points if p.macs <= budget * teacher_macs]
-        if fitting:
-            chosen[alias_name(budget)] = _best(fitting).key
+        fitting = best_within(points, budget * teacher_macs)
+        if fitting is not None:
+            chosen[alias_name(budget)] = fitting.key
         else:
             unmet.append(budget)
     return chosen, unmet

@@ -5,7 +5,6 @@ Ray, Optuna and MLflow are imported here (not at CLI start-up) so that `slimtune
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import signal
 import tempfile
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from search._session import checked_data, end_unfinished, ray_session
 from search.front import METRIC_PARAM, SearchFront, front_of
 from search.knobs import anchor_points, resolve, search_space, target_grid, trial_params
 from search.layout import Layout
@@ -213,21 +213,6 @@ def _experiment_path(storage: str, name: str) -> str:
     return f"{storage.rstrip('/')}/{name}"
 
 
-def _end_unfinished(tracker: Tracker, parent_id: str, *, interrupted: SearchInterrupted | None = None, role: str = "trial") -> None:
-    """A trial process killed before its own `except` (a lost worker, a hard stop, the end of an
-    interrupted search) leaves its run RUNNING: end it KILLED, so that no run of the search stays
-    RUNNING. Trials that ended themselves read the interruption from the search run (`announce`)."""
-    stopped_by_signal = set(interrupted.trial_ids) if interrupted else set()
-    for run in tracker.children(parent_id, role=role):
-        if run.status != "RUNNING":
-            continue
-        if run.tags.get(TRIAL_TAG) in stopped_by_signal:
-            tracker.set_tags(run.run_id, {INTERRUPTED_TAG: signal.Signals(interrupted.signum).name})
-        else:
-            tracker.set_tags(run.run_id, {"error": "the trial process ended without reporting a final status (its node or the driver was lost)"})
-        tracker.end_run(run.run_id, "KILLED")
-
-
 def _publish_front(
     tracker: Tracker, parent_id: str, front: SearchFront, experiment: Experiment, layout: Layout, *, epochs: int, seconds: float, log: Log
 ) -> None:
@@ -278,8 +263,8 @@ def run_search(
     `address`: a Ray cluster to join (else $RAY_ADDRESS, else a fresh local Ray); `storage`: Ray
     Tune's storage (a path all nodes see, or s3://...; default <output>/<name>/ray)."""
     layout = _writable(Layout.at(output, experiment.name))
-    splits = _checked_data(experiment, log)
-    with _ray(address, experiment, tracking_uri=tracking_uri or layout.tracking_uri, log=log, verbose=verbose) as experiment:
+    splits = checked_data(experiment, log)
+    with ray_session(address, experiment, tracking_uri=tracking_uri or layout.tracking_uri, log=log, verbose=verbose) as experiment:
         return _search(experiment, splits, layout=layout, uri=tracking_uri or layout.tracking_uri, storage=storage, resume=None, log=log, verbose=verbose)
 
 
@@ -308,8 +293,8 @@ def resume_search(
     experiment = stored_experiment(tracker, run)
     log(f"resuming search {run.name} ({run.run_id}, {run.status}) of {name!r} with the config it was started with")
     layout = _writable(layout)
-    splits = _checked_data(experiment, log)
-    with _ray(address, experiment, tracking_uri=uri, log=log, verbose=verbose) as experiment:
+    splits = checked_data(experiment, log)
+    with ray_session(address, experiment, tracking_uri=uri, log=log, verbose=verbose) as experiment:
         return _search(experiment, splits, layout=layout, uri=uri, storage=storage, resume=run, log=log, verbose=verbose)
 
 
@@ -344,71 +329,9 @@ def _writable(layout: Layout) -> Layout:
     return layout
 
 
-def _checked_data(experiment: Experiment, log: Log) -> Any:
-    """Decode the folder and pre-flight the architecture before Ray starts or any run exists: a
-    folder or model slimtune cannot use is an error, not a failed search."""
-    splits = _load_data(experiment, log)
-    _preflight(experiment, num_classes=len(splits.classes))
-    return splits
-
-
-@contextlib.contextmanager
-def _ray(address: str | None, experiment: Experiment, *, tracking_uri: str, log: Log, verbose: bool = False) -> Iterator[Experiment]:
-    """Start or join Ray and check what the trials will need of it; yields the experiment with
-    `search.max_concurrent` resolved."""
-    import ray
-
-    from search.cluster import check_gpus, check_tracking_uri, concurrency, configure_ray_environment, node_addresses, start_ray
-
-    configure_ray_environment(verbose=verbose)
-    joined = start_ray(address, verbose=verbose)
-    try:
-        check_gpus(experiment.search.gpus_per_trial)  # before anything trains or is logged
-        check_tracking_uri(tracking_uri, nodes=node_addresses())
-        s = experiment.search
-        if s.max_concurrent is None:
-            fits = concurrency(cpus_per_trial=s.cpus_per_trial, gpus_per_trial=s.gpus_per_trial)
-            experiment = dataclasses.replace(experiment, search=dataclasses.replace(s, max_concurrent=fits))
-        if joined != "local":
-            log(f"Ray: joined {joined}, {len(node_addresses())} machine(s), {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} GPUs")
-        yield experiment
-    finally:
-        ray.shutdown()
-
-
 def _study_name(name: str, search: RunRecord) -> str:
     """The Optuna study and the Ray Tune experiment of a search are named after its parent run."""
     return f"{name}-{search.name.removeprefix('search-')}"
-
-
-def _load_data(experiment: Experiment, log: Log) -> Any:
-    """Decode the folder once (the teacher task and the trials get it through Ray) and say what it holds."""
-    import torch
-
-    from pipelines.data import load_data
-
-    started = time.perf_counter()
-    splits = load_data(experiment.data)
-    sizes = "/".join(str(len(s)) for s in (splits.train, splits.val, splits.test))
-    log(f"data: {len(splits.classes)} classes, {sizes} train/val/test images, decoded in {time.perf_counter() - started:.0f} s")
-    if splits.skipped:
-        more = f" and {len(splits.skipped) - 3} more" if len(splits.skipped) > 3 else ""
-        log(f"data: skipped {len(splits.skipped)} unreadable file(s): {', '.join(splits.skipped[:3])}{more} (all in skipped_files.txt on the search run)")
-    per_class = torch.bincount(splits.val.labels, minlength=len(splits.classes))
-    if int(per_class.min()) < 30:
-        smallest = splits.classes[int(per_class.argmin())]
-        log(f"data: warning: class {smallest!r} has {int(per_class.min())} val images (< 30): val accuracies differ by noise of several points")
-    return splits
-
-
-def _preflight(experiment: Experiment, *, num_classes: int) -> None:
-    from pipelines.models import TESTED_ARCHS
-    from pipelines.preflight import ArchitectureError, check_architecture
-
-    try:
-        check_architecture(experiment.model.arch, image_size=experiment.data.image_size, num_classes=num_classes)
-    except ArchitectureError as error:
-        raise SpaceError(f"model.arch: {error}; tested: {', '.join(TESTED_ARCHS)}") from None
 
 
 def _search(experiment: Experiment, splits: Any, *, layout: Layout, uri: str, storage: str | None, resume: RunRecord | None, log: Log, verbose: bool = False) -> SearchOutcome:
@@ -468,7 +391,7 @@ def _search(experiment: Experiment, splits: Any, *, layout: Layout, uri: str, st
                 storage=storage, restore=resume is not None, log=log, verbose=verbose,
             )
         finally:
-            _end_unfinished(tracker, parent_id, interrupted=interrupted)
+            end_unfinished(tracker, parent_id, interrupted=interrupted)
         seconds += float(resume.metrics.get("trial_phase_seconds", 0.0)) if resume else 0.0
         front = front_of(tracker, tracker.get(parent_id))
         epochs = sum(int(r.metrics.get("epoch", 0)) for r in front.trials)

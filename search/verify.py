@@ -127,7 +127,8 @@ def verify_search(
     from pipelines.prune import prunable_groups
     from search.cluster import pack
     from search.progress import progress_callback
-    from search.run import _checked_data, _end_unfinished, _ray, open_store, stored_experiment
+    from search._session import checked_data, end_unfinished, ray_session
+    from search.run import open_store, stored_experiment
     from search.trainable import TrialContext, run_job
 
     if seeds < 2:
@@ -144,7 +145,7 @@ def verify_search(
             f"verify needs the search's teacher at {teacher_dir}: it is not there (another --output, or the files in"
             f" {experiment.data.path} changed since the search); give the --output the search used"
         )
-    splits = _checked_data(experiment, log)
+    splits = checked_data(experiment, log)
     base = experiment.trial.seed
     done = {(r.tags.get(VERIFY_TAG), r.tags.get(SEED_TAG)) for r in tracker.children(search_id, role="verify") if r.status == "FINISHED"}
     todo = [(m, base + k) for m in front.front for k in range(1, seeds) if (m.run_id, str(base + k)) not in done]
@@ -155,7 +156,8 @@ def verify_search(
         groups = tuple(prunable_groups(teacher, image_size=experiment.data.image_size))
         parents = {r.tags.get(TRIAL_TAG): r.run_id for r in front.trials}
         jobs = tuple(_job(m, seed, experiment=experiment, groups=groups, parents=parents) for m, seed in todo)
-        with _ray(address, experiment, tracking_uri=uri, log=log, verbose=verbose) as experiment:
+        labels = [f"member {m.tags.get(TRIAL_TAG, m.name)} seed {seed}" for m, seed in todo]  # the progress lines' names, by job
+        with ray_session(address, experiment, tracking_uri=uri, log=log, verbose=verbose) as experiment:
             s = experiment.search
             context = TrialContext(
                 experiment=experiment,
@@ -179,13 +181,13 @@ def verify_search(
                     failure_config=tune.FailureConfig(max_failures=s.max_failures),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                     verbose=1 if verbose else 0,
-                    callbacks=[progress_callback(len(jobs), log, metric, concurrency=s.max_concurrent, verbose=verbose)],
+                    callbacks=[progress_callback(len(jobs), log, metric, concurrency=s.max_concurrent, verbose=verbose, labels=labels)],
                 ),
             )
             try:
                 tuner.fit()
             finally:
-                _end_unfinished(tracker, search_id, role="verify")
+                end_unfinished(tracker, search_id, role="verify")
     wanted = {(m.run_id, str(base + k)) for m in front.front for k in range(1, seeds)}  # this verify's member and seed pairs
     reruns = [
         r for r in tracker.children(search_id, role="verify")

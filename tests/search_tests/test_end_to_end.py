@@ -227,8 +227,11 @@ def test_verify_trains_each_member_again_logs_the_means_and_fetch_chooses_on_the
     monkeypatch.chdir(work)
     unverified = _slimtune("fetch", "tiny", "--max-macs", "1G", "--verified", "--search", search, cwd=work)
     assert unverified.returncode == 2 and "--verified: search" in unverified.stderr and "slimtune verify tiny" in unverified.stderr
-    assert main(["verify", "tiny", "--seeds", "2", "--search", search]) == 0
+    first = io.StringIO()
+    with contextlib.redirect_stdout(first):
+        assert main(["verify", "tiny", "--seeds", "2", "--search", search]) == 0
     members = _front_members(searched)
+    assert all(f"member {m.tags['slimtune.trial_id']} seed 1:" in first.getvalue() for m in members), first.getvalue()[-2000:]
     reruns = tracker.children(search, role="verify")
     assert sorted(r.tags[VERIFY_TAG] for r in reruns) == sorted(m.run_id for m in members)
     assert all(r.status == "FINISHED" and r.tags[SEED_TAG] == "1" and r.params["seed"] == "1" for r in reruns)

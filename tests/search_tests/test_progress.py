@@ -160,6 +160,25 @@ def test_verbose_draws_no_status_line_even_on_a_terminal() -> None:
     assert "\x1b" not in stream.getvalue() and stream.getvalue().endswith("; 1/4 done, ETA 0s\n")
 
 
+def test_verify_labels_name_the_member_and_seed_not_the_tune_trial() -> None:
+    """`verify` names each fine-tune by what it trains again: the trial's config["job"] indexes `labels`."""
+    stream, clock = Stream(tty=False), Clock()
+    progress = Progress(3, lambda line: print(line, file=stream), labels=["member 0007 seed 1", "member 0007 seed 2", "member 0011 seed 1"], clock=clock)
+    done, failed, lost = _final("f4d89_00001", 0.9, 0.5), _trial("f4d89_00002", failed=True), _trial("f4d89_00000", epoch=1)
+    for trial, job in ((done, 1), (failed, 2), (lost, 0)):
+        trial.config = {"job": job}
+        progress.on_trial_start(0, [], trial)
+        clock.now += 10
+    progress.on_trial_complete(0, [], done)
+    progress.on_trial_complete(0, [], failed)
+    progress.on_trial_recover(0, [], lost)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("[1/3] member 0007 seed 2: val acc 0.900, test acc 0.850, 3.00M MACs")
+    assert lines[1].startswith("[2/3] member 0011 seed 1: FAILED after 20 s")
+    assert lines[2].startswith("        member 0007 seed 1: its process or node was lost after epoch 1")
+    assert "f4d89" not in stream.getvalue() and "trial" not in stream.getvalue()
+
+
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (41.4, "41s"), (190, "3m10s"), (3599, "59m59s"), (3900, "1h05m")])
 def test_format_eta(seconds: float, text: str) -> None:
     assert format_eta(seconds) == text
