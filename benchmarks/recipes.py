@@ -154,7 +154,8 @@ def report(rows: list[dict], seeds: list[int], per_class: int) -> str:
         + " images. Test accuracy / test balanced accuracy, mean +- sd over the teacher's seeds (the split is fixed)."
         " Fine-tune times are not compared: the runs shared the machine with other work, so the same recipe's time varied 2x.",
         f"Default recipe (pipelines.config.TeacherConfig): {_recipe_text(NEW)}. \"...\": default + warm-up 1 + smoothing 0.1,"
-        " the grid measured first (with a class-weighted loss that ignored smoothing's interaction, fixed since; its imbalanced rows were rerun)."
+        " the grid measured first, over seeds 0 and 1 only (one seed where no sd is given), with a class-weighted loss that ignored"
+        " smoothing's interaction, fixed since (its imbalanced rows were rerun)."
         " \"-\": not run (on the balanced tasks class_balance auto is off, so those rows are today's / the default's run).",
         "",
         "| recipe | " + " | ".join(f"{t} acc | {t} bal. acc" for t in tasks) + " |",
