@@ -4,6 +4,7 @@ On a machine without a visible CUDA device it says so and exits 0. With one it: 
 teacher for one epoch on the CPU and on the GPU (bf16 autocast on and off) and prints images/s
 for each, side by side in this one run; runs one trial on the GPU for each loss family (KD with a
 MACs target, warm-started from that trial; AFD; dynamic gating) so that every device path runs;
+times flip trials from the stored teacher logits against the teacher run online (flip, crop_flip);
 and runs a 4-trial search with `gpus_per_trial: 0.5` through Ray, checking that every trial
 finished. Exit code 1 if any step fails.
 
@@ -32,6 +33,32 @@ def _throughput(data, model, finetune, splits, device: str, work: Path) -> float
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return len(splits.train) * finetune.epochs / (time.perf_counter() - start)
+
+
+def _teacher_logits_cost(params, data, model, finetune, splits, device: str, teacher: Path, work: Path) -> int:
+    """One-epoch trials with flip from the stored logits, flip and crop_flip from the teacher run
+    online: their wall times as ratios to the stored one, side by side. Returns the failures."""
+    from pipelines.trial import run_trial
+
+    flip = replace(finetune, augment="flip")
+    recipes = {
+        "flip, stored logits": flip,
+        "flip, online teacher": replace(flip, teacher_logits="online"),
+        "crop_flip, online teacher": replace(flip, augment="crop_flip", teacher_logits="online"),
+    }
+    seconds = {}
+    for name, recipe in recipes.items():
+        try:
+            start = time.perf_counter()
+            m = run_trial(params, data=data, model=model, finetune=recipe, teacher_dir=teacher, output_dir=work / name, splits=splits, device=device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds[name] = time.perf_counter() - start
+            print(f"trial on {device}, {name}: val acc {m['val_accuracy']:.3f}, {seconds[name] / seconds['flip, stored logits']:.2f}x the stored-logits trial's time", flush=True)
+        except Exception as error:  # report every path, then fail
+            print(f"trial on {device}, {name}: FAILED {type(error).__name__}: {error}", flush=True)
+            return 1
+    return 0
 
 
 def main() -> int:
@@ -84,6 +111,7 @@ def main() -> int:
         except Exception as error:  # report every path, then fail
             failures += 1
             print(f"trial on {device}, {name}: FAILED {type(error).__name__}: {error}", flush=True)
+    failures += _teacher_logits_cost(trials["kd, target 0.1x"], data, model, one_epoch, splits, device, teacher, work)
     m = run_trial(trials["kd, target 0.1x"], data=data, model=model, finetune=one_epoch, teacher_dir=teacher,
                   output_dir=work / "warm", start_from=work / "kd, target 0.1x", splits=splits, device=device)  # fmt: skip
     print(f"trial on {device}, warm-started from the 0.1x trial: val acc {m['val_accuracy']:.3f}", flush=True)
