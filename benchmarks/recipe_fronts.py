@@ -28,7 +28,7 @@ import yaml
 from search.run import run_search
 from search.space import parse_space, to_dict
 
-from recipes import NEW, TODAY, task_data
+from recipes import NEW, TODAY, append_result, load_results, mean_sd, task_data
 
 RECIPES = {
     "today (last epoch, no class balance)": TODAY,
@@ -65,12 +65,6 @@ def _run(task: str, recipe: str, seed: int, work: Path) -> dict:
     }  # fmt: skip
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "-"
-    return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"
-
-
 def report(rows: list[dict], seeds: list[int]) -> str:
     rows = [r for r in rows if r["seed"] in seeds]
     lines = [
@@ -89,8 +83,8 @@ def report(rows: list[dict], seeds: list[int]) -> str:
             mine = [r for r in rows if r["task"] == task and r["recipe"] == recipe]
             if mine:
                 lines.append(
-                    f"| {task} | {metric} | {recipe} | {len(mine)} | {_mean_sd([r['teacher_test'] for r in mine])}"
-                    f" | {_mean_sd([r['hypervolume'] for r in mine])}"
+                    f"| {task} | {metric} | {recipe} | {len(mine)} | {mean_sd([r['teacher_test'] for r in mine])}"
+                    f" | {mean_sd([r['hypervolume'] for r in mine])}"
                     f" | {statistics.mean([r['front_size'] for r in mine]):.1f} |"
                 )
     return "\n".join(lines) + "\n"
@@ -104,9 +98,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/recipe_fronts.md")
     args = parser.parse_args()
     work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    results = work / "results.jsonl"
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    results, rows = load_results(work)
     have = {(r["task"], r["recipe"], r["seed"]) for r in rows}
     # Seed-major, the cheap tasks first: a run cut short still compares the recipes on the same seeds.
     for seed in args.seeds:
@@ -116,8 +108,7 @@ def main() -> None:
                     continue
                 row = _run(task, recipe, seed, work)
                 rows.append(row)
-                with results.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_result(results, row)
                 print(json.dumps({k: row[k] for k in ("task", "recipe", "seed", "teacher_test", "hypervolume", "seconds")}), flush=True)  # fmt: skip
                 Path(args.out).write_text(report(rows, args.seeds))
     text = report(rows, args.seeds)

@@ -122,7 +122,19 @@ def _recipe_text(recipe: TeacherConfig) -> str:
     return ", ".join(f"{k} {v}" for k, v in asdict(recipe).items() if k in ("augment", "warmup_epochs", "label_smoothing", "keep", "class_balance"))
 
 
-def _mean_sd(values: list[float]) -> str:
+def load_results(work: Path) -> tuple[Path, list[dict]]:
+    """<work>/results.jsonl (the folder made if need be) and the rows already in it."""
+    work.mkdir(parents=True, exist_ok=True)
+    results = work / "results.jsonl"
+    return results, [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+
+
+def append_result(results: Path, row: dict) -> None:
+    with results.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def mean_sd(values: list[float]) -> str:
     if not values:
         return "-"
     if len(values) == 1:
@@ -134,8 +146,7 @@ def _run(jobs: list[tuple], fn, workers: int, results: Path, done: list[dict]) -
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for row in pool.map(fn, jobs):
             done.append(row)
-            with results.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_result(results, row)
             print(json.dumps({k: row[k] for k in row if k in ("kind", "task", "recipe", "augment", "seed", "test_accuracy", "test_balanced_accuracy", "seconds")}), flush=True)
 
 
@@ -163,7 +174,7 @@ def report(rows: list[dict], seeds: list[int], per_class: int) -> str:
         cells = []
         for task in tasks:
             mine = [r for r in teachers if r["task"] == task and r["recipe"] == name]
-            cells += [_mean_sd([r["test_accuracy"] for r in mine]), _mean_sd([r["test_balanced_accuracy"] for r in mine])]
+            cells += [mean_sd([r["test_accuracy"] for r in mine]), mean_sd([r["test_balanced_accuracy"] for r in mine])]
         if any(c != "-" for c in cells):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     best = [r for r in teachers if "best_epoch" in r]
@@ -197,8 +208,8 @@ def report(rows: list[dict], seeds: list[int], per_class: int) -> str:
                     continue
                 ratio = f"{sum(r['seconds'] for r in mine) / sum(r['seconds'] for r in none):.2f}x" if none else "-"
                 lines.append(
-                    f"| {task} | {name} | {_mean_sd([r['macs_ratio'] for r in mine])} | {_mean_sd([r['test_accuracy'] for r in mine])}"
-                    f" | {_mean_sd([r['test_balanced_accuracy'] for r in mine])} | {ratio} |"
+                    f"| {task} | {name} | {mean_sd([r['macs_ratio'] for r in mine])} | {mean_sd([r['test_accuracy'] for r in mine])}"
+                    f" | {mean_sd([r['test_balanced_accuracy'] for r in mine])} | {ratio} |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -216,9 +227,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/recipes.md")
     args = parser.parse_args()
     work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    results = work / "results.jsonl"
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    results, rows = load_results(work)
     have = {(r["task"], r.get("recipe", r.get("augment")), r["seed"], r["kind"]) for r in rows}
     data = {task: task_data(task, work, args.per_class) for task in {*args.tasks, *args.trial_tasks}}
     jobs = [(task, name, seed, data[task], work) for seed in args.seeds for task in args.tasks for name in args.recipes
