@@ -126,7 +126,7 @@ def _prepare(
     dense = dense.to(device)
     teacher, views = None, None
     if finetune.teacher_logits == "online":
-        teacher = load_model(teacher_dir)[0].to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+        teacher = copy.deepcopy(dense).to(memory_format=torch.channels_last).eval().requires_grad_(False)
     else:
         views = _teacher_views(teacher_dir, finetune.augment).to(device)  # views x train images x classes
         if views.shape[1] != len(splits.train):
