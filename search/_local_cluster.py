@@ -111,6 +111,17 @@ class LocalCluster:
         os.kill(pid, signal.SIGKILL)
         return pid
 
+    def node_id(self, worker: int) -> str | None:
+        """Worker `worker`'s Ray node id (hex, as `ray.get_runtime_context().get_node_id()` gives it), read from its raylet's command line."""
+        pid = self._raylet(self.workers[worker])
+        if pid is None:
+            return None
+        with contextlib.suppress(OSError):
+            for arg in Path(f"/proc/{pid}/cmdline").read_text().split("\0"):
+                if arg.startswith("--node_id="):
+                    return arg.removeprefix("--node_id=")
+        return None
+
     @staticmethod
     def _raylet(node: subprocess.Popen) -> int | None:
         for pid in descendants(node.pid):
