@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 from pathlib import Path
 
@@ -345,10 +344,11 @@ def _runs(args: argparse.Namespace) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> None:
-    from pipelines._helpers import error_line
     from pipelines.export import ONNX_FILE
     from search._helpers import format_accuracies, format_count, parse_macs
+    from search.fetch import fetch_model
     from search.front import choose_under_budget
+    from search.tracking import TRIAL_TAG
 
     if args.alias is not None:
         if args.verified:
@@ -368,37 +368,8 @@ def _fetch(args: argparse.Namespace) -> None:
                 raise UsageError(f"--verified: search {front.search.run_id} was not verified; run `slimtune verify {args.experiment}` first")
         chosen, metric = choose_under_budget(members, budget, metric=front.metric), front.metric
     destination = Path(args.to)
-    trial = chosen.tags.get("slimtune.trial_id")
-    needed = _artifact_bytes(tracker.client, chosen.run_id, "model")
-    free = shutil.disk_usage(_nearest_folder(destination)).free
-    if free < needed:
-        raise UsageError(
-            f"-o {destination}: the model of trial {trial} needs {needed / 1e6:.1f} MB, {free / 1e6:.1f} MB are free there;"
-            " nothing was written: free some space or give another -o"
-        )
-    # Everything happens in a staging folder beside DIR and moves into DIR once complete: a disk
-    # that fills or a model folder the loader refuses leaves DIR as it was, nothing half-written.
-    staging = destination.parent / f".{destination.name}.download"
-    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier fetch that was killed
-    try:
-        try:
-            path = tracker.download(chosen.run_id, "model", staging)
-            onnx_failure = _write_onnx(path, run_id=chosen.run_id)
-            destination.mkdir(parents=True, exist_ok=True)
-            for file in sorted(path.iterdir()):
-                file.replace(destination / file.name)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    except OSError as error:
-        raise UsageError(
-            f"-o {destination}: cannot write the model of trial {trial} there ([Errno {error.errno}] {error.strerror});"
-            f" nothing was written: free some space or give another -o"
-        ) from None
-    except Exception as error:  # MLflow's download reports a failed file (a disk that filled, a lost server) as its own error
-        if isinstance(error, UsageError):
-            raise
-        cause = "the disk filled up" if shutil.disk_usage(_nearest_folder(destination)).free < needed else error_line(error)
-        raise UsageError(f"-o {destination}: cannot download the model of trial {trial} (MLflow run {chosen.run_id}): {cause}; nothing was written") from None
+    onnx_failure = fetch_model(tracker, chosen, destination)
+    trial = chosen.tags.get(TRIAL_TAG)
     m = chosen.metrics
     print(
         f"wrote {destination}/ : trial {trial}, {format_accuracies(m, metric)},"
@@ -424,39 +395,6 @@ def _registered(args: argparse.Namespace, tracker):
     version = resolve_alias(tracker.client, name=args.experiment, alias=args.alias)
     print(f"registered model {args.experiment!r} version {version.version} (alias {args.alias}, models:/{args.experiment}@{args.alias})")
     return tracker.get(version.run_id), version.tags.get(OBJECTIVE_TAG, "val_accuracy").removeprefix("val_")
-
-
-def _artifact_bytes(client, run_id: str, path: str) -> int:
-    return sum(_artifact_bytes(client, run_id, f.path) if f.is_dir else (f.file_size or 0) for f in client.list_artifacts(run_id, path))
-
-
-def _nearest_folder(path: Path) -> Path:
-    """`path`, or its nearest ancestor that exists (what `shutil.disk_usage` can ask about)."""
-    path = path.absolute()
-    while not path.is_dir() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def _write_onnx(directory: Path, *, run_id: str) -> Exception | None:
-    """Add model.onnx beside the safetensors model, loading it first (a folder the loader refuses is
-    an error naming the file); returns None, or the error that kept the exporter from writing it
-    (the safetensors model is complete anyway; an OSError is the disk's, not the model's)."""
-    from pipelines.export import ONNX_FILE, ModelFolderError, export_onnx, load_model
-
-    try:
-        model, spec = load_model(directory)
-    except ModelFolderError as error:  # name the file as MLflow stores it, not as the staging folder
-        raise UsageError(str(error).replace(str(directory), f"runs:/{run_id}/model")) from None
-    try:
-        export_onnx(model, directory / ONNX_FILE, spec=spec)
-    except Exception as error:  # the exporter's failures are many and version-specific; the model itself is fine
-        (directory / ONNX_FILE).unlink(missing_ok=True)  # no half-written file
-        cause = error
-        while not isinstance(cause, OSError) and cause.__cause__ is not None:  # a full disk inside the exporter's own errors
-            cause = cause.__cause__
-        return cause if isinstance(cause, OSError) else error
-    return None
 
 
 def _verify(args: argparse.Namespace) -> None:
