@@ -1,9 +1,9 @@
 """What a lost node costs: one fixed search on 2 Ray worker nodes (1 CPU each), once undisturbed
-and once with worker 1's raylet SIGKILLed in the middle of a trial and a fresh worker started in
-its place (as a cluster launcher replaces a lost machine). Reported, measured in this one run: the
-trial phase's wall-time ratio (with the loss / without; target <= 1.2) and the epoch the lost
-trial resumed from. The search is fixed (uniform anchors only), so both runs train the same
-trials; the teacher is trained once, before either timed run.
+and once with worker 1's raylet SIGKILLed when the trial there has passed half its epochs, and a
+fresh worker started in its place (as a cluster launcher replaces a lost machine). Reported,
+measured in this one run: the trial phase's wall-time ratio (with the loss / without; target
+<= 1.2) and the epoch the lost trial resumed from. The search is fixed (uniform anchors only),
+so both runs train the same trials; the teacher is trained once, before either timed run.
 
     .venv/bin/python benchmarks/node_loss.py [--trials 4] [--epochs 4] [--work DIR]
 """
@@ -20,6 +20,7 @@ from search._local_cluster import LocalCluster, local_cluster
 from search.run import run_search
 from search.space import parse_space
 from search.tracking import RESUMED_FROM_TAG, Tracker
+from search.trainable import NODE_TAG
 
 
 def _space(data: Path, *, trials: int, epochs: int) -> dict:
@@ -33,12 +34,13 @@ def _space(data: Path, *, trials: int, epochs: int) -> dict:
 
 
 def _lose_a_node_mid_trial(cluster: LocalCluster, tracker: Tracker, done: threading.Event, *, epoch: int) -> None:
-    """Once two trials run and one has passed `epoch`, kill worker 1 and start a replacement."""
+    """Once the trial training on worker 1 has passed `epoch`, kill worker 1 and start a replacement."""
+    lost_node = cluster.node_id(1)
     while not done.is_set():
         time.sleep(0.5)
         search = tracker.latest_search()
-        running = [r for r in tracker.children(search.run_id, role="trial") if r.status == "RUNNING"] if search else []
-        if len(running) == 2 and max(r.metrics.get("epoch", 0) for r in running) >= epoch:
+        trials = tracker.children(search.run_id, role="trial") if search else []
+        if any(r.status == "RUNNING" and r.tags.get(NODE_TAG) == lost_node and r.metrics.get("epoch", 0) >= epoch for r in trials):
             cluster.kill_raylet(1)
             cluster.add_worker()
             return
