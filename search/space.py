@@ -294,12 +294,18 @@ def _check_positive(value: float, where: str) -> None:
 
 
 def validate(experiment: Experiment) -> Experiment:
-    """Checks beyond types: value ranges, the data folder, the model and weights names."""
-    from pipelines.models import available_archs, available_weights
-    from pipelines.importance import CRITERIA
-
+    """Checks beyond types: value ranges, the data folder, the model and weights names. Returns the
+    experiment with `data.path` made absolute."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", experiment.name):
         raise SpaceError(f"name: {experiment.name!r} must be letters, digits, '_', '.', '-' (it names a folder)")
+    experiment = _checked_data(experiment)
+    _check_model(experiment.model)
+    _check_training(experiment)
+    _check_search(experiment.search, trial_epochs=experiment.trial.epochs)
+    return experiment
+
+
+def _checked_data(experiment: Experiment) -> Experiment:
     data = experiment.data
     folder = Path(data.path)
     try:
@@ -326,15 +332,26 @@ def validate(experiment: Experiment) -> Experiment:
         raise SpaceError("data.test_fraction: val_fraction + test_fraction must leave images to train on (< 1)")
     if data.max_images_per_class is not None and data.max_images_per_class < 3:
         raise SpaceError("data.max_images_per_class: must be at least 3 (train, val and test need one each)")
+    return experiment
+
+
+def _check_model(model: ModelConfig) -> None:
+    from pipelines.models import available_archs, available_weights
+
     archs = available_archs()
-    if experiment.model.arch not in archs:
-        raise SpaceError(f"model.arch: unknown torchvision model {experiment.model.arch!r}{_did_you_mean(experiment.model.arch, archs)}; valid: {', '.join(archs)}")
-    weights = available_weights(experiment.model.arch)
-    if experiment.model.weights is not None and experiment.model.weights not in weights:
+    if model.arch not in archs:
+        raise SpaceError(f"model.arch: unknown torchvision model {model.arch!r}{_did_you_mean(model.arch, archs)}; valid: {', '.join(archs)}")
+    weights = available_weights(model.arch)
+    if model.weights is not None and model.weights not in weights:
         raise SpaceError(
-            f"model.weights: {experiment.model.weights!r} is not a weights name of {experiment.model.arch};"
+            f"model.weights: {model.weights!r} is not a weights name of {model.arch};"
             f" valid: {', '.join(weights + ['null'])}"
         )
+
+
+def _check_training(experiment: Experiment) -> None:
+    """The teacher's and the trial's training settings, and every seed."""
+    data = experiment.data
     for stage in ("teacher", "trial"):
         config: TrainConfig = getattr(experiment, stage)
         for name in ("epochs", "batch_size"):
@@ -355,7 +372,11 @@ def validate(experiment: Experiment) -> Experiment:
         raise SpaceError("trial.augment: crop_flip draws new views every step, so it needs trial.teacher_logits: online (stored logits exist for none and flip only)")
     if experiment.trial.lr != FinetuneConfig.lr:
         raise SpaceError("trial.lr: a trial's learning rate is searched; set search.lr instead (a number fixes it)")
-    search = experiment.search
+
+
+def _check_search(search: SearchConfig, *, trial_epochs: int) -> None:
+    from pipelines.importance import CRITERIA
+
     for name in ("num_trials", "max_concurrent"):
         if getattr(search, name) is not None and getattr(search, name) < 1:
             raise SpaceError(f"search.{name}: must be at least 1, got {getattr(search, name)}")
@@ -399,7 +420,7 @@ def validate(experiment: Experiment) -> Experiment:
     _check_range(search.budgets.target_macs, "search.budgets.target_macs", low=0, high=1, open_low=True)
     for name in ("depth_tilt", "residual_tilt"):
         _check_range(getattr(search.budgets, name), f"search.budgets.{name}", low=-5, high=5)
-    epochs = experiment.trial.epochs
+    epochs = trial_epochs
     for i, rung in enumerate(search.rungs):
         if not 1 <= rung < epochs or (i and rung <= search.rungs[i - 1]):
             raise SpaceError(f"search.rungs[{i}]: {rung} must rise and lie in [1, trial.epochs - 1 = {epochs - 1}]")
@@ -424,7 +445,6 @@ def validate(experiment: Experiment) -> Experiment:
     _check_range(search.kd_alpha, "search.kd_alpha", low=0, high=1)
     _check_range(search.kd_temperature, "search.kd_temperature", low=0, high=100, open_low=True)
     _check_range(search.lr, "search.lr", low=0, high=10, open_low=True)
-    return experiment
 
 
 def parse_space(raw: Any) -> Experiment:
