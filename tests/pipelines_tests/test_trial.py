@@ -106,6 +106,7 @@ _RESUMABLE = [
     pytest.param(
         replace(TARGET, schedule="iterative", rounds=2, criterion="trajectory", losses={"l2sp": {"alpha": 0.1, "beta": 0.01}, "delta": {"weight": 0.1}}),
         1,
+        {"batch_size": 8},  # DELTA measures its channel weights on one batch, one forward per channel: a small one
         id="iterative-trajectory-l2sp-delta-at-a-round-end",
     ),
     pytest.param(replace(TARGET, densities={"stride_8": 0.5, "stride_16": 0.5}), 2, id="gated-mid-training"),
