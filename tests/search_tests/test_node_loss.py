@@ -34,6 +34,7 @@ def test_a_trial_on_a_lost_node_resumes_from_its_checkpoint_on_another(tmp_path_
     with local_cluster(workers=2) as cluster:  # one CPU each: one trial on each worker
         command = [sys.executable, "-m", "search.cli", "search", "lost.yaml", "--address", cluster.address]
         uri = initialised_store(work)
+        assert cluster.node_id(1) is not None
         search = subprocess.Popen(command, cwd=work, env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             lost_node, tracker, killed, trials = cluster.node_id(1), None, None, []
