@@ -348,7 +348,6 @@ def _fetch(args: argparse.Namespace) -> None:
     from search._helpers import format_accuracies, format_count, parse_macs
     from search.fetch import fetch_model
     from search.front import choose_under_budget
-    from search.tracking import TRIAL_TAG
 
     if args.alias is not None:
         if args.verified:
@@ -369,10 +368,9 @@ def _fetch(args: argparse.Namespace) -> None:
         chosen, metric = choose_under_budget(members, budget, metric=front.metric), front.metric
     destination = Path(args.to)
     onnx_failure = fetch_model(tracker, chosen, destination)
-    trial = chosen.tags.get(TRIAL_TAG)
     m = chosen.metrics
     print(
-        f"wrote {destination}/ : trial {trial}, {format_accuracies(m, metric)},"
+        f"wrote {destination}/ : trial {chosen.trial_id}, {format_accuracies(m, metric)},"
         f" {format_count(m['macs'])} MACs, {format_count(m['params'])} params"
     )
     if isinstance(onnx_failure, OSError):  # the disk filled while exporting: the model is complete, the ONNX copy is not there

@@ -5,7 +5,6 @@ import shutil
 from pathlib import Path
 
 from search._helpers import UsageError
-from search.tracking import TRIAL_TAG
 
 __all__ = ["fetch_model"]
 
@@ -20,7 +19,7 @@ def fetch_model(tracker, run, destination: Path) -> Exception | None:
     """
     from pipelines._helpers import error_line
 
-    trial = run.tags.get(TRIAL_TAG, run.name)
+    trial = run.trial_id
     needed = _artifact_bytes(tracker.client, run.run_id, "model")
     free = shutil.disk_usage(_nearest_folder(destination)).free
     if free < needed:

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from search.tracking import TRIAL_TAG, RunRecord, Tracker
+from search.tracking import RunRecord, Tracker
 
 if TYPE_CHECKING:
     from pipelines.latency import Latency
@@ -46,7 +46,7 @@ def measure_front_latency(tracker: Tracker, members: Sequence[RunRecord], *, log
     log(f"latency: measuring {len(todo)} front model(s) on the CPU ({threads} thread{'s' if threads > 1 else ''}; {runtimes}, batch {batches})...")
     done = 0
     for run in todo:
-        trial = run.tags.get(TRIAL_TAG, run.name)
+        trial = run.trial_id
         try:
             with tempfile.TemporaryDirectory(prefix="slimtune-latency-") as work:
                 model, spec = load_model(tracker.download(run.run_id, "model", work))

@@ -23,10 +23,6 @@ _GREY, _BLUE, _GREEN, _RED = "#a6a6a6", "#1f77b4", "#2ca02c", "#d62728"  # matpl
 PLOT_SUFFIXES = (".html", ".png", ".svg", ".pdf")  # what `plot_search_front` writes: the HTML plot, or matplotlib's
 
 
-def _trial_id(run: RunRecord) -> str:
-    return run.tags.get("slimtune.trial_id", run.name)
-
-
 @dataclass(frozen=True)
 class _Point:
     macs: float
@@ -66,7 +62,7 @@ def _front_figure(
         role = ("on the Pareto front" if run.run_id in members else "off the front") + (", uniform anchor" if run.run_id in anchor_ids else "")
         ratio = m.get("macs_ratio", m["macs"] / teacher_macs if teacher_macs else math.nan)
         return (
-            f"trial {_trial_id(run)}: {STATUS_NAMES.get(run.status, run.status.lower())}, {role}",
+            f"trial {run.trial_id}: {STATUS_NAMES.get(run.status, run.status.lower())}, {role}",
             format_accuracies(m, metric),
             f"MACs {format_count(m['macs'])} ({ratio:.3f} x teacher)",
             f"params {format_count(m['params'])}",
@@ -74,7 +70,7 @@ def _front_figure(
         )
 
     points = [
-        _Point(r.metrics["macs"], r.metrics[key], "anchor" if r.run_id in anchor_ids else "trial", r.run_id in members, tooltip(r), _trial_id(r))
+        _Point(r.metrics["macs"], r.metrics[key], "anchor" if r.run_id in anchor_ids else "trial", r.run_id in members, tooltip(r), r.trial_id)
         for r in runs.values()
     ]
     if key in teacher:
@@ -266,7 +262,7 @@ def plot_widths(run: RunRecord, *, path: Path) -> Path:
     trial kept. A run without `kept.<group>` metrics is a ValueError (check `kept_fractions` first)."""
     kept = kept_fractions(run)
     if not kept:
-        raise ValueError(f"trial {_trial_id(run)} (MLflow run {run.run_id}) has no kept.<group> metrics to plot")
+        raise ValueError(f"trial {run.trial_id} (MLflow run {run.run_id}) has no kept.<group> metrics to plot")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -283,7 +279,7 @@ def plot_widths(run: RunRecord, *, path: Path) -> Path:
     ax.axvline(1.0, color="0.6", linewidth=0.8)
     ax.set_xlabel("fraction of the group's channels kept")
     ratio = run.metrics.get("macs_ratio", math.nan)
-    ax.set_title(f"trial {_trial_id(run)}: {ratio:.3f} x teacher MACs ({format_count(run.metrics.get('macs', math.nan))})", fontsize=10)
+    ax.set_title(f"trial {run.trial_id}: {ratio:.3f} x teacher MACs ({format_count(run.metrics.get('macs', math.nan))})", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -177,7 +177,7 @@ def register_front(
             versions[run.run_id] = str(existing[run.run_id].version)
             continue
         m = run.metrics
-        trial = run.tags.get(TRIAL_TAG, run.name)
+        trial = run.trial_id
         tags = {TRIAL_TAG: trial, OBJECTIVE_TAG: objective, objective: f"{m[objective]:.6g}", "macs": f"{m['macs']:.0f}"}
         tags.update({k: f"{m[k]:.6g}" for k in ("macs_ratio", f"test_{metric}") if k in m})
         if search_id is not None:
@@ -206,7 +206,7 @@ def register_front(
         flag = str(version in on_front).lower()
         if tags.get(ON_FRONT_TAG) != flag:
             client.set_model_version_tag(name, version, ON_FRONT_TAG, flag)
-    trials = {r.run_id: r.tags.get(TRIAL_TAG, r.name) for r in front}
+    trials = {r.run_id: r.trial_id for r in front}
     by_version = {v: trials[run_id] for run_id, v in versions.items()}
     listed = ", ".join(f"{alias} v{version} (trial {by_version[version]})" for alias, version in wanted.items())
     log(f"registry: registered model {name!r}: {len(created)} new version(s), {len(versions) - len(created)} kept; aliases {listed}; load with models:/{name}@knee")

@@ -42,7 +42,7 @@ def front_rows(runs: Sequence[RunRecord]) -> list[FrontRow]:
         m = run.metrics
         rows.append(
             FrontRow(
-                trial=run.tags.get("slimtune.trial_id", run.name),
+                trial=run.trial_id,
                 run_id=run.run_id,
                 val_accuracy=m["val_accuracy"],
                 test_accuracy=m["test_accuracy"],
@@ -123,7 +123,7 @@ def run_rows(trials: Sequence[RunRecord], *, front: Sequence[RunRecord]) -> list
             status = "interrupted" if INTERRUPTED_TAG in run.tags else "killed"  # by a signal, or ended by the driver
         rows.append(
             {
-                "trial": run.tags.get("slimtune.trial_id", run.name),
+                "trial": run.trial_id,
                 "status": status,
                 "from": run.params.get("start_from", "-"),
                 "target": float(run.params["target_macs"]) if "target_macs" in run.params else None,
@@ -181,7 +181,7 @@ def verify_table(members: Sequence[VerifiedMember], *, metric: str = "accuracy")
 
     lines = [
         (
-            m.run.tags.get("slimtune.trial_id", m.run.name),
+            m.run.trial_id,
             str(m.seeds),
             spread(m, "val"),
             spread(m, "test"),

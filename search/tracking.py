@@ -33,6 +33,11 @@ class RunRecord:
     params: dict[str, str]
     tags: dict[str, str]
 
+    @property
+    def trial_id(self) -> str:
+        """The Ray Tune trial id the run was tracked under (its run name where a run has none)."""
+        return self.tags.get(TRIAL_TAG, self.name)
+
 
 class Tracker:
     def __init__(self, tracking_uri: str, experiment: str, *, create: bool = False, local_artifacts: str | Path | None = None) -> None:

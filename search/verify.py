@@ -156,7 +156,7 @@ def verify_search(
         groups = tuple(prunable_groups(teacher, image_size=experiment.data.image_size))
         parents = {r.tags.get(TRIAL_TAG): r.run_id for r in front.trials}
         jobs = tuple(_job(m, seed, experiment=experiment, groups=groups, parents=parents) for m, seed in todo)
-        labels = [f"member {m.tags.get(TRIAL_TAG, m.name)} seed {seed}" for m, seed in todo]  # the progress lines' names, by job
+        labels = [f"member {m.trial_id} seed {seed}" for m, seed in todo]  # the progress lines' names, by job
         with ray_session(address, experiment, tracking_uri=uri, log=log, verbose=verbose) as experiment:
             s = experiment.search
             context = TrialContext(
