@@ -34,18 +34,18 @@ def test_a_trial_on_a_lost_node_resumes_from_its_checkpoint_on_another(tmp_path_
     with local_cluster(workers=2) as cluster:  # one CPU each: one trial on each worker
         command = [sys.executable, "-m", "search.cli", "search", "lost.yaml", "--address", cluster.address]
         uri = initialised_store(work)
-        assert cluster.node_id(1) is not None
+        lost_node = cluster.node_id(1)
+        assert lost_node is not None
         search = subprocess.Popen(command, cwd=work, env=RAY_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            lost_node, tracker, killed, trials = cluster.node_id(1), None, None, []
+            tracker, killed, trials = None, None, []
             deadline = time.monotonic() + 600
             while killed is None and time.monotonic() < deadline and search.poll() is None:
                 time.sleep(0.5)
                 tracker = tracker or tracker_once_created(uri, "lost")
                 parent = tracker.latest_search() if tracker else None
                 trials = tracker.children(parent.run_id, role="trial") if parent else []
-                on_lost_node = [r for r in trials if r.tags.get(NODE_TAG) == lost_node]
-                if on_lost_node and on_lost_node[0].status == "RUNNING" and on_lost_node[0].metrics.get("epoch", 0) >= 2:
+                if any(r.status == "RUNNING" and r.tags.get(NODE_TAG) == lost_node and r.metrics.get("epoch", 0) >= 2 for r in trials):
                     killed = cluster.kill_raylet(1)  # the trial training there has a checkpoint, and is lost
             seen = [(r.tags.get(NODE_TAG) == lost_node, r.status, r.metrics.get("epoch")) for r in trials]
             assert killed is not None, f"no trial was seen past epoch 2 on worker 1: (on worker 1, status, epoch) {seen}; search exit {search.poll()}"
